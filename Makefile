@@ -14,6 +14,8 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
+export BENTOML_DO_NOT_TRACK := True
+export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: setup repro test lint bench clean
 
@@ -32,7 +34,7 @@ test: setup
 	HF_HUB_OFFLINE=1 python -m pytest -q
 
 lint: setup
-	ruff check stages tests benchmarks data/sample
+	ruff check stages tests benchmarks bento data/sample
 
 bench: setup
 	python benchmarks/bench_data_stages.py

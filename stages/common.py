@@ -34,6 +34,7 @@ def write_json(path: Path, obj: object) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, ensure_ascii=False)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; metrics are read by other users and services
     os.replace(tmp, path)
 
 

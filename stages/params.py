@@ -251,7 +251,9 @@ class Serve(Section):
 
     max_texts: int = Field(64, ge=1, description="Most texts in one request.")
     max_chars: int = Field(2000, ge=1, description="Longest text accepted, in characters.")
-    max_batch_size: int = Field(64, ge=1, description="Adaptive batching: texts per model call.")
+    max_batch_size: int = Field(
+        64, ge=2, description="Adaptive batching: texts per model call (BentoML needs >= 2)."
+    )
     max_latency_ms: int = Field(500, ge=1, description="Adaptive batching: longest wait.")
 
 

@@ -10,7 +10,6 @@ failed check, its unexpected count and example values.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -18,9 +17,6 @@ import pandas as pd
 
 from stages.common import SPLITS, UserError, label_set, run_main, write_json
 from stages.params import Params, load_params
-
-# Before great_expectations is first imported: a pipeline stage never phones home.
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 # Checks GX has no expectation for are computed by pandas into a column that holds the offending
 # text and is null elsewhere; "values must be null" then lets GX count the rows and show examples.

@@ -13,6 +13,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["GX_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 from pathlib import Path  # noqa: E402
 

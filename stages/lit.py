@@ -1,0 +1,206 @@
+"""The Lightning side of stage train: data module, model wrapper, optimizer, training curves.
+
+Imported by stages/train.py, which builds the Trainer and owns the I/O; nothing here reads params
+files or starts MLflow runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from stages.params import Train
+
+VAL_METRICS = ("val_loss", "val_accuracy", "val_f1_macro")
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list:
+    """Shuffle, then sort by length (longest first) inside mega-batches of ``mega`` batches.
+
+    Consecutive ``batch_size`` chunks of the result hold similar lengths (little padding), while the
+    mega-batch shuffle keeps the batches different for every seed (epoch).
+    """
+    perm = np.random.default_rng(seed).permutation(len(lengths))
+    size = batch_size * mega
+    order: list[int] = []
+    for start in range(0, len(perm), size):
+        order += sorted(perm[start : start + size].tolist(), key=lambda i: -lengths[i])
+    return order
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices in length-grouped order, reshuffled per epoch (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad each row's token lists to the longest row of this batch; labels stay a vector."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {"labels": torch.tensor([r["labels"] for r in rows])}
+    for key in rows[0].keys() - {"labels", "text"}:
+        fill = pad_id if key == "input_ids" else 0  # attention_mask / token_type_ids pad with 0
+        batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])  # B, T
+    return batch
+
+
+def token_lengths(ds) -> list[int]:
+    """Tokens per row, read from the Arrow column (no Python lists of every row's ids)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
+
+
+class TextData(L.LightningDataModule):
+    """The tokenized splits of prepare, batched with per-batch padding."""
+
+    def __init__(self, folder: Path, pad_id: int, cfg: Train) -> None:
+        super().__init__()
+        self.folder, self.pad_id, self.cfg = folder, pad_id, cfg
+
+    def setup(self, stage: str | None = None) -> None:
+        from datasets import load_from_disk
+
+        self.splits = load_from_disk(str(self.folder)).remove_columns("text")
+
+    def _loader(self, split: str, batch_size: int, sampler) -> DataLoader:
+        n = self.cfg.num_workers
+        collate = partial(pad_batch, pad_id=self.pad_id)  # picklable for worker processes
+        return DataLoader(self.splits[split], batch_size=batch_size, sampler=sampler,
+                          shuffle=sampler is None, collate_fn=collate, num_workers=n,
+                          persistent_workers=n > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        cfg, sampler = self.cfg, None  # None: the DataLoader shuffles
+        if cfg.group_by_length:
+            lengths = token_lengths(self.splits["train"])
+            sampler = LengthGroupedSampler(lengths, cfg.batch_size, cfg.seed)
+        return self._loader("train", cfg.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        # Sorted by length: the order does not change the metrics, and padding shrinks.
+        order = np.argsort(token_lengths(self.splits["validation"]), kind="stable").tolist()
+        return self._loader("validation", self.cfg.eval_batch_size, order)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and LayerNorm weights (the 1-D tensors) are not shrunk."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def make_scheduler(optimizer, cfg: Train, total_steps: int):
+    """Warmup over ``warmup_ratio`` of the optimizer steps, then the configured decay."""
+    import transformers
+
+    warmup = round(cfg.warmup_ratio * total_steps)
+    if cfg.schedule == "constant":
+        return transformers.get_constant_schedule_with_warmup(optimizer, warmup)
+    make = {"linear": transformers.get_linear_schedule_with_warmup,
+            "cosine": transformers.get_cosine_schedule_with_warmup}[cfg.schedule]
+    return make(optimizer, warmup, total_steps)
+
+
+class Classifier(L.LightningModule):
+    """A thin wrapper: the Hugging Face model computes the loss; metrics cover the whole val set."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Train) -> None:
+        super().__init__()
+        from torchmetrics import MeanMetric
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        self.model, self.cfg = model, cfg
+        # from_pretrained returns eval mode (dropout off) and Lightning keeps each module's mode.
+        self.model.train()
+        n = model.config.num_labels
+        # Metric objects (not per-batch means) so DDP reduces over the whole validation set.
+        self.val_loss = MeanMetric()
+        self.val_accuracy = MulticlassAccuracy(n, average="micro")
+        self.val_f1_macro = MulticlassF1Score(n, average="macro")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.model(**batch)
+        preds, labels = out.logits.argmax(-1), batch["labels"]  # (B,)
+        self.val_loss.update(out.loss, weight=len(labels))
+        self.val_accuracy.update(preds, labels)
+        self.val_f1_macro.update(preds, labels)
+        self.log_dict({"val_loss": self.val_loss, "val_accuracy": self.val_accuracy,
+                       "val_f1_macro": self.val_f1_macro}, on_epoch=True, batch_size=len(labels))
+
+    def configure_optimizers(self):
+        groups = param_groups(self.model, self.cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=self.cfg.learning_rate)
+        sched = make_scheduler(opt, self.cfg, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Curves(L.Callback):
+    """Loss per optimizer step and val metrics per epoch; checkpoints carry them across resumes."""
+
+    def __init__(self) -> None:
+        self.loss_rows: list[list] = []  # [step, train_loss]; the loss stays a tensor until written
+        self.val_rows: list[list[float]] = []  # [epoch, val_loss, val_accuracy, val_f1_macro]
+        self.start_step, self.samples, self.seconds, self._pending, self._t0 = 0, 0, 0.0, [], 0.0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.start_step = trainer.global_step  # > 0 when resumed
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._t0
+        self.samples += len(batch["labels"])
+        # Divided by accumulate_grad_batches already: summed over a step it is the step's mean.
+        # Kept on the device: a float() here would stall the GPU every step.
+        self._pending.append(outputs["loss"])
+        if trainer.global_step > (self.loss_rows[-1][0] + 1 if self.loss_rows else self.start_step):
+            # An optimizer step was taken; numbered from 0, as Lightning numbers it in MLflow.
+            self.loss_rows.append([trainer.global_step - 1, sum(self._pending)])
+            self._pending = []
+
+    def on_validation_end(self, trainer, module) -> None:
+        if not trainer.sanity_checking:
+            m = trainer.callback_metrics
+            self.val_rows.append([trainer.current_epoch, *(float(m[k]) for k in VAL_METRICS)])
+
+    def state_dict(self) -> dict:
+        self.loss_rows = [[step, float(loss)] for step, loss in self.loss_rows]
+        return {"loss_rows": self.loss_rows, "val_rows": self.val_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_rows, self.val_rows = state["loss_rows"], state["val_rows"]
+
+
+def write_curves(curves: Curves, folder: Path) -> list[Path]:
+    """The DVC plots: loss.csv (step, train_loss) and val.csv (epoch and the three val metrics)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = {"loss.csv": (["step", "train_loss"], curves.state_dict()["loss_rows"]),
+              "val.csv": (["epoch", *VAL_METRICS], curves.val_rows)}
+    for name, (header, rows) in tables.items():
+        with (folder / name).open("w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    return [folder / name for name in tables]

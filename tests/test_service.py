@@ -1,0 +1,221 @@
+"""The HTTP service, end to end: a real `bentoml serve bento.service:Classifier` on 127.0.0.1.
+
+A tiny model is packaged into a temporary BentoML store once per module; the server starts from the
+repo root (as a user runs it) and is killed, with its worker processes, at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from stages import package
+from stages.params import parse_params
+from tests.conftest import tmp_paths
+from tests.test_package import LABELS, REPO, RUN_ID, bentoml_home, write_trained_model, write_upstream
+
+httpx = pytest.importorskip("httpx")  # a BentoML dependency
+
+MAX_TEXTS, MAX_CHARS, MAX_LENGTH = 8, 200, 32
+TEXTS = [
+    "the kettle is great and fast", "awful lamp , it broke", "okay , the mouse arrived",
+    "love the sturdy jacket", "slow noisy charger returned", "plain average novel 7",
+]
+START_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"bentoml serve not ready after {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def serving(target: str, home: Path, cwd: Path, log: Path):
+    """Run `bentoml serve <target>` on a free 127.0.0.1 port; yield its URL; kill it on exit."""
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", target,
+           "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as out:
+        # A session of its own: the teardown kills BentoML's worker processes with it.
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        wait_ready(url, proc, log)
+        print(f"`bentoml serve {target}` ready in {time.monotonic() - started:.1f}s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def package_tiny(params, home: Path) -> dict:
+    with pytest.MonkeyPatch.context() as mp, bentoml_home(home):
+        mp.chdir(REPO)  # the build context, as under `dvc repro`
+        return package.main(params)
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory, tiny_model_dir):
+    """A tiny model packaged into a fresh store: (params, BentoML home, bento.json contents)."""
+    root = tmp_path_factory.mktemp("service")
+    params = parse_params({
+        "paths": tmp_paths(root),
+        "prepare": {"max_length": MAX_LENGTH},
+        "serve": {"max_texts": MAX_TEXTS, "max_chars": MAX_CHARS, "max_batch_size": 32,
+                  "max_latency_ms": 5000},  # generous: the CI machine is shared
+    })
+    write_trained_model(params.paths.model, tiny_model_dir)
+    write_upstream(params)
+    home = root / "bentoml"
+    return params, home, package_tiny(params, home)
+
+
+@pytest.fixture(scope="module")
+def server(packaged):
+    """`bentoml serve bento.service:Classifier` from the repo root: (base url, bento.json)."""
+    params, home, info = packaged
+    with serving("bento.service:Classifier", home, REPO, home.parent / "serve.log") as url:
+        yield url, info
+
+
+def classify(url: str, body, **kw) -> httpx.Response:
+    if isinstance(body, bytes):
+        return httpx.post(f"{url}/classify", content=body, timeout=30,
+                          headers={"content-type": "application/json"})
+    return httpx.post(f"{url}/classify", json=body, timeout=30, **kw)
+
+
+def test_classify_answers_each_text_in_order(server):
+    url, _ = server
+    resp = classify(url, {"texts": TEXTS})
+    assert resp.status_code == 200, resp.text
+    preds = resp.json()
+    assert len(preds) == len(TEXTS)
+    assert all(p["label"] in LABELS and 0 <= p["score"] <= 1 for p in preds)
+    assert all(p["scores"] is None for p in preds)
+    # Texts score differently, so the reversed request shows each answer belongs to its text.
+    assert len({round(p["score"], 3) for p in preds}) > 1
+    backwards = classify(url, {"texts": TEXTS[::-1]}).json()[::-1]
+    assert [p["label"] for p in backwards] == [p["label"] for p in preds]
+    assert [p["score"] for p in backwards] == pytest.approx([p["score"] for p in preds], abs=1e-4)
+
+
+def test_all_scores_is_a_distribution_over_the_labels(server):
+    url, _ = server
+    preds = classify(url, {"texts": TEXTS[:3], "all_scores": True}).json()
+    for p in preds:
+        assert list(p["scores"]) == LABELS
+        assert sum(p["scores"].values()) == pytest.approx(1, abs=1e-4)
+        assert p["label"] == max(p["scores"], key=p["scores"].get)
+        assert p["score"] == pytest.approx(max(p["scores"].values()))
+
+
+def test_text_longer_than_the_model_is_truncated(server):
+    url, _ = server
+    text = " ".join(["7"] * 99)  # 99 tokens: above max_length (32) and the 64 positions
+    assert len(text) <= MAX_CHARS
+    resp = classify(url, {"texts": [text]})
+    assert resp.status_code == 200, resp.text
+
+
+def batch_histogram(url: str) -> tuple[float, float]:
+    """(calls, requests) the adaptive batcher dispatched to predict_batch, from /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = {}
+    for kind in ("count", "sum"):
+        m = re.search(rf'adaptive_batch_size_{kind}\{{[^}}]*method_name="predict_batch"[^}}]*\}} (\S+)',
+                      text)
+        found[kind] = float(m.group(1)) if m else 0.0
+    return found["count"], found["sum"]
+
+
+def test_concurrent_requests_are_answered_and_batched(server):
+    url, _ = server
+    expected = {t: p for t, p in zip(TEXTS, classify(url, {"texts": TEXTS}).json(), strict=True)}
+    jobs = [TEXTS[i % len(TEXTS):] + TEXTS[: i % len(TEXTS)] for i in range(24)]  # rotations
+    calls0, requests0 = batch_histogram(url)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda texts: classify(url, {"texts": texts[:4]}), jobs))
+    calls, requests = batch_histogram(url)
+    calls, requests = calls - calls0, requests - requests0
+    print(f"adaptive batching: {requests:.0f} concurrent requests in {calls:.0f} forward passes")
+    for texts, resp in zip(jobs, answers, strict=True):
+        assert resp.status_code == 200, resp.text
+        assert [p["label"] for p in resp.json()] == [expected[t]["label"] for t in texts[:4]]
+        assert [p["score"] for p in resp.json()] == pytest.approx(
+            [expected[t]["score"] for t in texts[:4]], abs=1e-4)
+    assert requests == len(jobs)
+    assert calls < requests, "adaptive batching never merged two requests into one forward pass"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"texts": []}, "at least 1 item"),
+    ({"texts": ["fine"] * (MAX_TEXTS + 1)}, f"at most {MAX_TEXTS} items"),
+    ({"texts": ["fine", "x" * (MAX_CHARS + 1)]}, f"at most {MAX_CHARS} characters"),
+    ({"texts": "a single string"}, "valid"),
+    ({"texts": ["fine", 3]}, "valid string"),
+    ({"texts": ["fine"], "all_scores": "maybe"}, "valid boolean"),
+    ({"all_scores": True}, "Field required"),
+    ({"texts": ["fine"], "all_score": True}, "Extra inputs are not permitted"),
+    (b'{"texts": ["fine"', "Invalid JSON"),
+])
+def test_bad_request_is_a_4xx_naming_the_problem(server, body, message):
+    url, _ = server
+    resp = classify(url, body)
+    assert 400 <= resp.status_code < 500, resp.text
+    assert message in resp.text
+
+
+def test_metadata_names_the_model_and_its_lineage(server):
+    url, info = server
+    resp = httpx.post(f"{url}/metadata", timeout=10)
+    assert resp.status_code == 200, resp.text
+    meta = resp.json()
+    assert meta["model_tag"] == info["model_tag"]
+    assert meta["labels"] == LABELS
+    assert meta["lineage"]["mlflow_run_id"] == RUN_ID
+    assert meta["limits"]["max_texts"] == MAX_TEXTS
+
+
+def test_built_bento_serves_its_pinned_model_by_tag(server, packaged):
+    """The deployment path: the Bento alone (outside the repo), after a newer model was packaged."""
+    params, home, first = packaged
+    newer = package_tiny(params, home)
+    assert newer["model_tag"] != first["model_tag"]
+    with serving(first["bento_tag"], home, home.parent, home.parent / "serve_bento.log") as url:
+        meta = httpx.post(f"{url}/metadata", timeout=10).json()
+        resp = classify(url, {"texts": TEXTS[:2]})
+    assert meta["model_tag"] == first["model_tag"]
+    assert resp.status_code == 200 and len(resp.json()) == 2

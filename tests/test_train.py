@@ -1,0 +1,208 @@
+"""Train: pure helpers on in-memory data, then the stage itself on the tiny BERT (a few steps)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from stages import lit, train
+from stages.common import UserError
+from stages.params import Params, Train
+
+
+def _with_train(params: Params, **changes) -> Params:
+    return params.model_copy(update={"train": params.train.model_copy(update=changes)})
+
+
+def _csv(path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+# --- pure functions ------------------------------------------------------------------------------
+
+
+def test_precision_auto_is_bf16_only_on_a_bf16_gpu():
+    assert train.resolve_precision("auto", "auto", cuda=True, bf16=True) == "bf16-mixed"
+    assert train.resolve_precision("auto", "gpu", cuda=True, bf16=False) == "32-true"
+    assert train.resolve_precision("auto", "auto", cuda=False, bf16=False) == "32-true"
+    assert train.resolve_precision("auto", "cpu", cuda=True, bf16=True) == "32-true"
+    assert train.resolve_precision("16-mixed", "auto", cuda=False, bf16=False) == "16-mixed"
+
+
+def test_length_grouped_sampler_yields_each_index_once_and_groups_lengths():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 200) for _ in range(1000)]
+    sampler = lit.LengthGroupedSampler(lengths, batch_size=10, seed=1)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(1000)) and len(sampler) == 1000
+        epochs.append(order)
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+
+    def mean_spread(order):  # average (longest - shortest) inside consecutive batches of 10
+        batches = [[lengths[i] for i in order[k : k + 10]] for k in range(0, 1000, 10)]
+        return sum(max(b) - min(b) for b in batches) / len(batches)
+
+    shuffled = list(range(1000))
+    rng.shuffle(shuffled)
+    assert mean_spread(epochs[0]) < mean_spread(shuffled) / 5
+
+
+def test_pad_batch_pads_to_the_longest_row_and_drops_text():
+    rows = [{"text": "a b", "labels": 1, "input_ids": [2, 7, 3], "attention_mask": [1, 1, 1]},
+            {"text": "a", "labels": 0, "input_ids": [2, 3], "attention_mask": [1, 1]}]
+    batch = lit.pad_batch(rows, pad_id=0)
+    assert set(batch) == {"labels", "input_ids", "attention_mask"}
+    assert batch["input_ids"].tolist() == [[2, 7, 3], [2, 3, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_no_weight_decay_on_biases_and_layernorm():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = lit.param_groups(net, 0.1)
+    assert [p.shape for p in decay["params"]] == [(4, 4)] and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedule_warms_up_then_follows_its_shape(schedule):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lit.make_scheduler(opt, Train(schedule=schedule, warmup_ratio=0.1), total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0)  # 10 warmup steps
+    end = pytest.approx(1.0) if schedule == "constant" else pytest.approx(0.0, abs=0.02)
+    assert lrs[99] == end
+
+
+def test_should_resume_only_unfinished_runs_or_more_epochs():
+    budget = {"max_epochs": 3, "max_steps": -1}
+    assert not train.should_resume(None, "fp", budget)[0]
+    assert not train.should_resume({"fingerprint": "old", "finished": False}, "fp", budget)[0]
+    assert train.should_resume({"fingerprint": "fp", "finished": False}, "fp", budget)[0]
+    done = {"fingerprint": "fp", "finished": True, "budget": budget}
+    assert not train.should_resume(done, "fp", budget)[0]  # same budget: retrain from scratch
+    assert train.should_resume(done, "fp", {**budget, "max_epochs": 5})[0]
+    assert not train.should_resume(done, "fp", {**budget, "max_epochs": 2})[0]
+    # A step cap may have stopped mid-epoch, and last.ckpt would count that epoch as done.
+    capped = {**done, "budget": {"max_epochs": 3, "max_steps": 10}}
+    assert not train.should_resume(capped, "fp", {"max_epochs": 5, "max_steps": -1})[0]
+
+
+def test_fingerprint_ignores_the_budget_but_not_the_learning_rate():
+    base = Params()
+    fp = train.fingerprint(base, "data", "code")
+    assert train.fingerprint(_with_train(base, max_epochs=9), "data", "code") == fp
+    assert train.fingerprint(_with_train(base, learning_rate=1e-3), "data", "code") != fp
+    assert train.fingerprint(base, "other data", "code") != fp
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def test_unknown_model_source_is_a_user_error(prepared_params, tmp_path):
+    with pytest.raises(UserError, match="model.source 'no-such/model'"):
+        train.load_model("no-such/model", {"id2label": {"0": "a", "1": "b"},
+                                           "label2id": {"a": 0, "b": 1}})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="cannot load a classification model"):
+        train.load_model(str(tmp_path / "empty"), {"id2label": {"0": "a"}, "label2id": {"a": 0}})
+
+
+def test_model_loads_with_our_labels_in_training_mode(tiny_model_dir):
+    # The saved tiny model has a 2-label head; ours needs 3 (ignore_mismatched_sizes).
+    mapping = {"id2label": {"0": "a", "1": "b", "2": "c"}, "label2id": {"a": 0, "b": 1, "c": 2}}
+    module = lit.Classifier(train.load_model(str(tiny_model_dir), mapping), Train())
+    assert module.model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert module.model.classifier.out_features == 3
+    assert module.model.training  # from_pretrained leaves eval mode: dropout would be off
+
+
+def test_training_changes_weights_and_writes_every_output(prepared_params):
+    import mlflow
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    p = prepared_params.paths
+    labels = json.loads((p.processed / "labels.json").read_text())
+    torch.manual_seed(prepared_params.train.seed)  # main() seeds the same way before loading
+    before = train.load_model(prepared_params.model.source, labels).state_dict()
+
+    metrics = train.main(prepared_params)
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(p.model))
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(before[key], model.state_dict()[key])
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert AutoTokenizer.from_pretrained(str(p.model))("the lamp is great")["input_ids"]
+    assert json.loads((p.model / "labels.json").read_text()) == labels
+    (best_ckpt,) = p.checkpoints.glob("best-*.ckpt")  # the exported weights are the best epoch's
+    best_state = torch.load(best_ckpt, weights_only=True)["state_dict"]
+    assert torch.equal(best_state[f"model.{key}"], model.state_dict()[key])
+    assert (p.checkpoints / "last.ckpt").exists()
+
+    saved = json.loads(p.train_metrics.read_text())
+    assert saved == metrics
+    assert {"best_epoch", "best_val_loss", "best_val_accuracy", "best_val_f1_macro", "epochs",
+            "steps", "train_samples_per_s", "wall_s"} <= set(saved)
+    assert saved["train_samples_per_s"] > 0
+    assert saved["epochs"] == 2 and saved["steps"] == 4  # 12 rows / batch 8 = 2 steps per epoch
+    assert [int(r["step"]) for r in _csv(p.train_plots / "loss.csv")] == [0, 1, 2, 3]
+    val = _csv(p.train_plots / "val.csv")
+    assert [int(r["epoch"]) for r in val] == [0, 1]
+    assert 0 <= float(val[-1]["val_accuracy"]) <= 1
+    best = max(val, key=lambda r: float(r["val_accuracy"]))  # the first best (monitor: accuracy)
+    assert saved["best_epoch"] == int(best["epoch"])
+    assert saved["best_val_accuracy"] == pytest.approx(float(best["val_accuracy"]), abs=1e-6)
+
+    run_id = json.loads(p.run_info.read_text())["run_id"]
+    client = mlflow.MlflowClient(prepared_params.tracking.uri)
+    run = client.get_run(run_id)
+    assert run.data.params["train.learning_rate"] == "0.001"
+    assert {"git.commit", "data.sha256"} <= set(run.data.tags)
+    history = client.get_metric_history(run_id, "train_loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]  # log_every_n_steps=1: every step
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # the logger made no second run
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"model", "plots"} <= artifacts
+
+
+def test_resume_continues_from_last_checkpoint_and_params_change_clears(prepared_params, capsys):
+    import mlflow
+
+    p = prepared_params.paths
+    first = _with_train(prepared_params, max_epochs=1)
+    train.main(first)
+    assert (p.checkpoints / "last.ckpt").exists()
+
+    resumed = train.main(_with_train(prepared_params, max_epochs=2))
+    assert "resuming from" in capsys.readouterr().out
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    # The curves keep the first run's rows (they travel in the checkpoint).
+    assert [int(r["step"]) for r in _csv(p.train_plots / "loss.csv")] == [0, 1, 2, 3]
+    run_id = json.loads(p.run_info.read_text())["run_id"]
+    steps = [m.step for m in mlflow.MlflowClient(prepared_params.tracking.uri)
+             .get_metric_history(run_id, "train_loss")]
+    assert steps == [2, 3]  # the second run trained only the new steps
+
+    changed = train.main(_with_train(prepared_params, max_epochs=2, learning_rate=5e-4))
+    assert "clearing" in capsys.readouterr().out
+    assert changed["resumed_from_step"] == 0 and changed["steps"] == 4
+
+
+def test_max_steps_inside_the_first_epoch_still_saves_a_model(prepared_params):
+    metrics = train.main(_with_train(prepared_params, max_steps=1, group_by_length=True))
+    assert metrics["steps"] == 1 and metrics["best_val_accuracy"] is None  # no validation ran
+    assert (prepared_params.paths.model / "model.safetensors").exists()
+    assert _csv(prepared_params.paths.train_plots / "val.csv") == []
