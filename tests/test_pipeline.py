@@ -35,9 +35,11 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+def dvc(repo: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
     # Stage commands run `python -m stages.x`: put this interpreter's bin first on PATH.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, **env_vars}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: sqlite:///mlflow.db in the repo
     return subprocess.run(
         [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True
     )
@@ -97,3 +99,47 @@ def test_repro_runs_the_data_stages_then_stops_on_bad_data(repo):
     # prepare did not run: its outputs and its lock entry are untouched.
     assert (repo / "data/processed/stats.json").read_bytes() == processed_before
     assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"] == lock_before
+
+
+def test_full_repro_trains_evaluates_tracks_and_packages(repo, tmp_path):
+    make_rows(n_per_class=12, seed=3).to_csv(repo / "data/tiny.csv", index=False)
+    set_params(
+        repo,
+        data={"source": "data/tiny.csv", "split": {"validation": 0.25, "test": 0.25}},
+        train={"batch_size": 8, "max_epochs": 2, "learning_rate": 1e-3, "log_every_n_steps": 1},
+    )
+    home = tmp_path / "bentoml"
+    run = dvc(repo, "repro", BENTOML_HOME=str(home))
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    assert {"accuracy", "f1_macro", "f1_weighted", "loss", "per_class"} <= set(evaluation)
+    assert evaluation["n"] == 9 and 0 <= evaluation["accuracy"] <= 1
+    assert (repo / "models/model/model.safetensors").exists()
+    assert (repo / "plots/eval/confusion.csv").exists() and (repo / "plots/train/loss.csv").exists()
+
+    # One MLflow run for the whole pipeline, holding params, per-step and eval metrics, lineage.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    assert len(runs) == 1
+    run_data, run_id = runs[0].data, runs[0].info.run_id
+    assert json.loads((repo / "models/run.json").read_text())["run_id"] == run_id
+    assert run_data.params["train.learning_rate"] == "0.001"
+    assert run_data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert len(client.get_metric_history(run_id, "train_loss")) >= 4  # per step, not per run
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    manifest = json.loads((repo / "metrics/data.json").read_text())
+    assert run_data.tags["git.commit"] == head.stdout.strip()
+    assert run_data.tags["data.sha256"] == manifest["source_sha256"]
+    assert run_data.tags["git.branch"] and run_data.tags["git.dirty"] == "true"  # params edited
+
+    # The Bento exists in the store, and traces back to the run.
+    info = json.loads((repo / "models/bento.json").read_text())
+    assert info["mlflow_run_id"] == run_id
+    bentoml = Path(sys.executable).parent / "bentoml"
+    got = subprocess.run([str(bentoml), "get", info["bento_tag"], "-o", "json"],
+                         env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    assert info["model_tag"] in got.stdout
