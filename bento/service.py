@@ -71,7 +71,8 @@ class Classifier:
 
         path = self.bento_model.path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        self.model.eval()
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
     @bentoml.api(input_spec=ClassifyRequest)

@@ -30,7 +30,9 @@ def load_model(folder: Path):
         raise UserError(f"{folder}: no trained model there (no config.json): run `dvc repro train`")
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a weight-loading bar per run floods DVC's output
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), AutoTokenizer.from_pretrained(str(folder))

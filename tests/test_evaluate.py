@@ -9,22 +9,12 @@ import pandas as pd
 import pytest
 
 from stages import evaluate, tracking
-from stages.common import UserError, read_json, write_json
-
-LABELS = ["negative", "neutral", "positive"]
+from stages.common import UserError, write_json
+from tests.conftest import LABELS, write_trained_model
 
 
 def save_model(params, tiny_model_dir, labels=LABELS):
-    """Stand-in for train's output: the tiny BERT with a fresh 3-way head, tokenizer, labels.json."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(tiny_model_dir), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True,
-    )
-    model.save_pretrained(str(params.paths.model))
-    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(str(params.paths.model))
-    write_json(params.paths.model / "labels.json", read_json(params.paths.processed / "labels.json", ""))
+    write_trained_model(params.paths.model, tiny_model_dir, labels)
 
 
 @pytest.fixture

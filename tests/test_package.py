@@ -1,81 +1,21 @@
 """Package: the trained model enters the BentoML store with its lineage; a Bento is built around it.
 
-The helpers here (a temporary BentoML home, a fake train/evaluate output) are shared with
-tests/test_service.py.
+The fake upstream outputs (run info, eval metrics, manifest) are shared with tests/test_service.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from stages import package
 from stages.common import UserError, read_json, write_json
+from tests.conftest import LABELS, REPO, bentoml_home, write_trained_model
 
-REPO = Path(__file__).resolve().parents[1]
-LABELS = ["negative", "neutral", "positive"]
 RUN_ID = "0123456789abcdef"
 DATA_SHA = "ab" * 32
-
-
-@contextmanager
-def bentoml_home(home: Path):
-    """Point BentoML at stores under `home`, in this process and in the processes it starts.
-
-    BentoML caches its home and stores in singletons on first use, so the environment variable
-    alone is not enough once any earlier test touched a store; the overrides are undone on exit.
-    """
-    from bentoml._internal.bento import BentoStore
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models import ModelStore
-
-    for sub in ("bentos", "models", "tmp", "envs"):
-        (home / sub).mkdir(parents=True, exist_ok=True)
-    overrides = {
-        "bentoml_home": str(home), "bento_store_dir": str(home / "bentos"),
-        "model_store_dir": str(home / "models"), "tmp_bento_store_dir": str(home / "tmp"),
-        "env_store_dir": str(home / "envs"), "model_store": ModelStore(str(home / "models")),
-        "bento_store": BentoStore(str(home / "bentos")), "tmp_bento_store": BentoStore(str(home / "tmp")),
-    }
-    old_env = os.environ.get("BENTOML_HOME")
-    os.environ["BENTOML_HOME"] = str(home)
-    for name, value in overrides.items():
-        getattr(BentoMLContainer, name).set(value)
-    try:
-        yield home
-    finally:
-        for name in overrides:
-            getattr(BentoMLContainer, name).reset()
-        if old_env is None:
-            os.environ.pop("BENTOML_HOME", None)
-        else:
-            os.environ["BENTOML_HOME"] = old_env
-
-
-def write_trained_model(model_dir: Path, tiny_model_dir: Path) -> None:
-    """What train leaves in paths.model: a 3-class model with real label names, tokenizer, labels.json."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(tiny_model_dir), num_labels=3, id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)}, ignore_mismatched_sizes=True,
-    )
-    # An untrained head gives every text ~1/3 per class; sharper logits make texts distinguishable,
-    # which the service tests need to see that each answer belongs to its own text.
-    with torch.no_grad():
-        model.classifier.weight.mul_(40)
-    model.save_pretrained(str(model_dir))
-    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(str(model_dir))
-    write_json(model_dir / "labels.json", {
-        "id2label": {str(i): name for i, name in enumerate(LABELS)},
-        "label2id": {name: i for i, name in enumerate(LABELS)},
-    })
 
 
 def write_upstream(params) -> None:

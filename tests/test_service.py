@@ -21,8 +21,8 @@ import pytest
 
 from stages import package
 from stages.params import parse_params
-from tests.conftest import tmp_paths
-from tests.test_package import LABELS, REPO, RUN_ID, bentoml_home, write_trained_model, write_upstream
+from tests.conftest import LABELS, REPO, bentoml_home, tmp_paths, write_trained_model
+from tests.test_package import RUN_ID, write_upstream
 
 httpx = pytest.importorskip("httpx")  # a BentoML dependency
 
