@@ -65,12 +65,6 @@ def serve_metadata(params: Params, labels: list[str], run_info: dict) -> dict:
     }
 
 
-def check_serve_limits(params: Params) -> None:
-    # BentoML refuses an adaptive-batching API with max_batch_size below 2 (at service import).
-    if params.serve.max_batch_size < 2:
-        raise UserError(f"serve.max_batch_size is {params.serve.max_batch_size}; BentoML needs >= 2")
-
-
 def save_model(name: str, model_dir: Path, labels: dict[str, str], metadata: dict) -> str:
     """Copy the model folder into a new store entry ``name:<version>``; return its tag."""
     import bentoml
@@ -97,7 +91,6 @@ def build_bento(bentofile: Path, model_tag: str, labels: dict[str, str]) -> str:
 def main(params: Params | None = None) -> dict:
     params = params or load_params()
     paths = params.paths
-    check_serve_limits(params)
     labels = model_label_names(paths.model)
     run_info = read_json(paths.run_info, "run `dvc repro train` first")
     manifest = read_json(paths.manifest, "run `dvc repro ingest` first")
