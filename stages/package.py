@@ -3,10 +3,11 @@
     python -m stages.package       # normally via `dvc repro package`; run from the repo root
 
 The store is BentoML's own (``$BENTOML_HOME``, default ``~/bentoml``). The model entry carries its
-lineage as labels (MLflow run, git commit, data hash, test metrics) and, in its metadata, the serving
-limits of ``params.serve`` and the truncation length of ``params.prepare``: a Bento holds no
-params.yaml, so bento/service.py reads them from there. Writes ``paths.bento_info``: the Bento tag,
-the model tag and the lineage, for `bentoml serve <bento_tag>` and for deployment scripts.
+lineage as labels (MLflow run, git commit, data hash, params hash, validation verdict, test metrics)
+and, in its metadata, the serving limits of ``params.serve`` and the truncation length of
+``params.prepare``: a Bento holds no params.yaml, so bento/service.py reads them from there.
+Writes ``paths.bento_info``: the Bento tag, the model tag and the lineage, for
+`bentoml serve <bento_tag>`, `lmforge lineage` and deployment scripts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from stages.common import UserError, read_json, run_main, write_json
+from stages.lineage import params_hash
 from stages.params import Params, load_params
 from stages.tracking import lineage_tags
 
@@ -38,11 +40,19 @@ def model_label_names(model_dir: Path) -> list[str]:
     return [id2label[str(i)] for i in range(len(id2label))]
 
 
-def lineage(run_info: dict, manifest: dict, metrics: dict) -> dict[str, str]:
-    """Where the model comes from: run, code, data, and how it scored on the test split."""
+def lineage(
+    run_info: dict, manifest: dict, metrics: dict, validation: dict, params_sha256: str
+) -> dict[str, str]:
+    """Where the model comes from: run, code, data, params, and how it scored on the test split.
+
+    ``params_sha256`` is stages.lineage.params_hash, so `lmforge lineage` can match the store's
+    model against the workspace's params.yaml.
+    """
     missing = [k for k in ("accuracy", "f1_macro") if k not in metrics]
     if missing:
         raise UserError(f"eval metrics lack {missing}: rerun `dvc repro evaluate`")
+    if not isinstance(validation.get("success"), bool):
+        raise UserError("the validation verdict lacks 'success': rerun `dvc repro validate`")
     git = lineage_tags(manifest["source_sha256"])
     return {
         "mlflow_run_id": run_info["run_id"],
@@ -50,6 +60,8 @@ def lineage(run_info: dict, manifest: dict, metrics: dict) -> dict[str, str]:
         "git_commit": git["git.commit"],
         "git_dirty": git["git.dirty"],
         "data_sha256": manifest["source_sha256"],
+        "params_sha256": params_sha256,
+        "validation_passed": str(validation["success"]).lower(),  # labels are strings
         "test_accuracy": f"{metrics['accuracy']:.4f}",
         "test_f1_macro": f"{metrics['f1_macro']:.4f}",
     }
@@ -95,7 +107,8 @@ def main(params: Params | None = None) -> dict:
     run_info = read_json(paths.run_info, "run `dvc repro train` first")
     manifest = read_json(paths.manifest, "run `dvc repro ingest` first")
     metrics = read_json(paths.eval_metrics, "run `dvc repro evaluate` first")
-    tags = lineage(run_info, manifest, metrics)
+    validation = read_json(paths.validation, "run `dvc repro validate` first")
+    tags = lineage(run_info, manifest, metrics, validation, params_hash(params))
 
     model_tag = save_model(
         params.package.model_name, paths.model, tags, serve_metadata(params, labels, run_info)
@@ -107,6 +120,7 @@ def main(params: Params | None = None) -> dict:
         "mlflow_run_id": tags["mlflow_run_id"],
         "git_commit": tags["git_commit"],
         "data_sha256": tags["data_sha256"],
+        "params_sha256": tags["params_sha256"],
     }
     write_json(paths.bento_info, info)
     print(f"package: model {model_tag}, bento {bento_tag} -> {paths.bento_info}")

@@ -62,6 +62,10 @@ class Paths(Section):
     bento_info: Path = Field(
         Path("models/bento.json"), description="Bento tag, model tag, MLflow run id."
     )
+    gate: Path = Field(Path("metrics/gate.json"), description="The gate stage's verdict (a DVC metric).")
+    gate_report: Path = Field(
+        Path("reports/gate.md"), description="Markdown report of `lmforge gate --against REV`."
+    )
 
 
 class SplitFractions(Section):
@@ -257,6 +261,54 @@ class Serve(Section):
     max_latency_ms: int = Field(500, ge=1, description="Adaptive batching: longest wait.")
 
 
+class Floor(Section):
+    """An absolute bound on one eval metric."""
+
+    min: float | None = Field(None, description="The metric must be >= this.")
+    max: float | None = Field(None, description="The metric must be <= this.")
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> Floor:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class Tolerance(Section):
+    """How far one eval metric may move the wrong way against a baseline before it is a regression."""
+
+    direction: Literal["higher", "lower"] = Field(description="Which way is better.")
+    abs: float = Field(0.0, ge=0, description="Allowed worsening in the metric's units.")
+    rel: float = Field(0.0, ge=0, description="Allowed worsening as a share of the baseline value.")
+
+
+class Gate(Section):
+    """Stage ``gate`` (floors) and ``lmforge gate --against REV`` (tolerances).
+
+    Keys are metric names of ``paths.eval_metrics``, dotted for nested ones
+    (``per_class.negative.f1``).
+    """
+
+    floors: dict[str, Floor] = Field(
+        default_factory=lambda: {"accuracy": Floor(min=0.6), "f1_macro": Floor(min=0.5)},
+        description="A model outside any floor fails the gate stage and is never packaged.",
+    )
+    tolerances: dict[str, Tolerance] = Field(
+        default_factory=lambda: {
+            "accuracy": Tolerance(direction="higher", abs=0.01),
+            "f1_macro": Tolerance(direction="higher", abs=0.01),
+            "loss": Tolerance(direction="lower", rel=0.1),
+        },
+        description="Per-metric direction and tolerance for comparisons against a git revision.",
+    )
+    registered_model: str | None = Field(
+        "lmforge-classifier",
+        description="MLflow model registry name for models that pass the floors; null: no registry.",
+    )
+
+
 class Params(Section):
     """All of params.yaml."""
 
@@ -270,6 +322,7 @@ class Params(Section):
     tracking: Tracking = Tracking()
     package: Package = Package()
     serve: Serve = Serve()
+    gate: Gate = Gate()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

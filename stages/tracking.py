@@ -15,10 +15,39 @@ from pathlib import Path
 from stages.common import read_json, write_json
 from stages.params import Params, Tracking
 
+SQLITE = "sqlite:///"
 
-def tracking_uri(cfg: Tracking) -> str:
+
+def configured_uri(cfg: Tracking) -> str:
     """The environment wins over params, so a remote server needs no params change."""
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+
+
+def tracking_uri(cfg: Tracking) -> str:
+    """The configured URI, a relative sqlite path made absolute against the repo root.
+
+    The root is DVC_ROOT, which DVC sets for every stage: for a queued experiment it is the repo the
+    queue belongs to, not the temp copy the experiment runs in (deleted afterwards, with any store
+    inside it). Outside DVC it is the working directory.
+    """
+    uri = configured_uri(cfg)
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        root = Path(os.environ.get("DVC_ROOT") or ".")
+        uri = SQLITE + str((root / uri.removeprefix(SQLITE)).resolve())
+    return uri
+
+
+def use_experiment(name: str, uri: str) -> None:
+    """Select the MLflow experiment; a new one in a sqlite store keeps its artifacts beside the store.
+
+    MLflow's default is ./mlruns of the working directory: for a queued experiment, its temp copy.
+    """
+    import mlflow
+
+    if uri.startswith(SQLITE) and mlflow.get_experiment_by_name(name) is None:
+        store = Path(uri.removeprefix(SQLITE))
+        mlflow.create_experiment(name, artifact_location=str(store.parent / "mlruns" / name))
+    mlflow.set_experiment(name)
 
 
 def _git(*args: str) -> str:
@@ -63,12 +92,14 @@ def start_run(params: Params, sections: tuple[str, ...], data_hash: str) -> str:
     """Open a new run (tags + resolved params), record its id in paths.run_info, return the id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(params.tracking))
-    mlflow.set_experiment(params.tracking.experiment)
+    uri = tracking_uri(params.tracking)
+    mlflow.set_tracking_uri(uri)
+    use_experiment(params.tracking.experiment, uri)
     with mlflow.start_run(tags=lineage_tags(data_hash)) as run:
         mlflow.log_params(flat_params(params, sections))
+    # As configured, not resolved: a relative store stays relative to wherever the repo is cloned.
     info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-            "tracking_uri": tracking_uri(params.tracking)}
+            "tracking_uri": configured_uri(params.tracking)}
     write_json(params.paths.run_info, info)
     return run.info.run_id
 

@@ -1,6 +1,7 @@
 """Package: the trained model enters the BentoML store with its lineage; a Bento is built around it.
 
-The fake upstream outputs (run info, eval metrics, manifest) are shared with tests/test_service.py.
+The fake upstream outputs (run info, eval metrics, manifest, validation verdict) are shared with
+tests/test_service.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import package
+from stages import lineage, package
 from stages.common import UserError, read_json, write_json
 from tests.conftest import LABELS, REPO, bentoml_home, write_trained_model
 
@@ -19,11 +20,12 @@ DATA_SHA = "ab" * 32
 
 
 def write_upstream(params) -> None:
-    """The other inputs of package: train's run info, evaluate's metrics, ingest's manifest."""
+    """The other inputs of package: run info, eval metrics, data manifest, validation verdict."""
     write_json(params.paths.run_info, {"run_id": RUN_ID, "experiment_id": "1",
                                        "tracking_uri": "sqlite:///mlflow.db"})
     write_json(params.paths.eval_metrics, {"accuracy": 0.875, "f1_macro": 0.8611})
     write_json(params.paths.manifest, {"source_sha256": DATA_SHA})
+    write_json(params.paths.validation, {"success": True, "checks_failed": 0})
 
 
 def test_main_stores_model_with_lineage_and_builds_bento(
@@ -50,6 +52,9 @@ def test_main_stores_model_with_lineage_and_builds_bento(
     assert model.info.labels["data_sha256"] == DATA_SHA
     assert model.info.labels["test_f1_macro"] == "0.8611"
     assert model.info.labels["git_commit"] == info["git_commit"] != ""
+    # The params that shaped the model, hashed as `lmforge lineage` hashes the workspace's.
+    assert model.info.labels["params_sha256"] == lineage.params_hash(params) == info["params_sha256"]
+    assert model.info.labels["validation_passed"] == "true"
     meta = model.info.metadata
     assert meta["serve"] == params.serve.model_dump()
     assert meta["labels"] == LABELS and meta["max_length"] == params.prepare.max_length
@@ -86,10 +91,15 @@ def test_label_mapping_must_match_the_model_config(tmp_path):
     assert package.model_label_names(tmp_path) == ["neg", "pos"]
 
 
-def test_lineage_needs_both_test_metrics():
+def test_lineage_needs_both_test_metrics_and_a_validation_verdict():
+    run, data, ok = {"run_id": "r"}, {"source_sha256": DATA_SHA}, {"success": True}
     with pytest.raises(UserError, match="f1_macro"):
-        package.lineage({"run_id": "r"}, {"source_sha256": DATA_SHA}, {"accuracy": 0.9})
-    tags = package.lineage({"run_id": "r"}, {"source_sha256": DATA_SHA},
-                           {"accuracy": 0.9, "f1_macro": 0.85})
+        package.lineage(run, data, {"accuracy": 0.9}, ok, "p" * 64)
+    scores = {"accuracy": 0.9, "f1_macro": 0.85}
+    with pytest.raises(UserError, match="dvc repro validate"):
+        package.lineage(run, data, scores, {"checks_failed": 0}, "p" * 64)
+    tags = package.lineage(run, data, scores, ok, "p" * 64)
     assert tags["mlflow_run_id"] == "r" and tags["test_accuracy"] == "0.9000"
+    assert tags["params_sha256"] == "p" * 64 and tags["validation_passed"] == "true"
+    assert package.lineage(run, data, scores, {"success": False}, "")["validation_passed"] == "false"
     assert all(isinstance(v, str) for v in tags.values())  # BentoML labels are strings
