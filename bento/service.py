@@ -4,6 +4,10 @@
     bentoml serve bento.service:Classifier --arg model=lmforge-classifier:<version>
     bentoml serve lmforge-service:<version>              # a built Bento (tag in models/bento.json)
 
+The service binds 127.0.0.1 (its ``http.host``): only this machine can call it. ``--host 0.0.0.0``
+(or ``BENTOML_HOST``) exposes it; put authentication in front first (README, "Serving securely").
+Request bodies larger than the biggest valid request are refused with 413 before parsing.
+
 Request limits, batching settings and the truncation length come from the model's metadata (written
 by stages/package.py from params.yaml), because a Bento carries no params.yaml.
 
@@ -17,6 +21,7 @@ request its own rows back. A direct ``self.predict_batch.local(...)`` call would
 ``/predict_batch`` is thus reachable too; it enforces the same limits.
 """
 
+import json
 from typing import Annotated
 
 import bentoml
@@ -62,7 +67,56 @@ def to_prediction(probs: list[float], labels: list[str], all_scores: bool) -> Pr
     return Prediction(label=labels[best], score=probs[best], scores=scores)
 
 
-@bentoml.service(traffic={"timeout": 30})
+def max_body_bytes(limits: dict) -> int:
+    """The largest body a valid request can have: max_texts texts of max_chars characters, each at
+    worst 12 bytes of JSON (an escaped surrogate pair, "\\ud83d\\ude00"), plus keys and whitespace."""
+    return limits["max_texts"] * (12 * limits["max_chars"] + 64) + 4096
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` gets 413 before anything parses it.
+
+    A declared Content-Length over the limit is refused without reading a byte; a body without one
+    (chunked) is read only up to the limit. Either way memory stays bounded.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await self.refuse(send, f"{declared.decode(errors='replace')} bytes")
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self.refuse(send, f"over {size} bytes")
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def receive_again():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, receive_again, send)
+
+    async def refuse(self, send, size: str) -> None:
+        body = json.dumps({"error": f"request body of {size} is over this service's limit of "
+                           f"{self.max_bytes} bytes (serve.max_texts texts of serve.max_chars "
+                           "characters)"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+# http.host: bind only the loopback interface unless the user passes --host / BENTOML_HOST.
+@bentoml.service(traffic={"timeout": 30}, http={"host": "127.0.0.1"})
 class Classifier:
     bento_model = MODEL  # a class attribute, so `bentoml build` puts the model into the Bento
 
@@ -70,8 +124,10 @@ class Classifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = self.bento_model.path
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        # Our own train output: plain data, never code, never pickle.
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False)
         self.model.eval()
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
@@ -104,3 +160,6 @@ class Classifier:
         stored = self.bento_model
         return {"model_tag": str(stored.tag), "labels": self.labels,
                 "lineage": dict(stored.info.labels), "limits": LIMITS}
+
+
+Classifier.add_asgi_middleware(BodyLimit, max_bytes=max_body_bytes(LIMITS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -79,18 +80,58 @@ def resolve_model_source(source: str) -> str:
         folder = Path(list(spec.submodule_search_locations)[0]) / sub
         if not (folder / "config.json").exists():
             raise UserError(f"model.source '{source}': {folder} holds no config.json")
+        require_safetensors(folder)
         return str(folder)
-    if Path(source).exists():
-        return source
+    if Path(source).is_dir():
+        require_safetensors(Path(source))
     return source
 
 
-def load_tokenizer(source: str):
-    """Load a fast tokenizer from a resolved model source, with a clear error when it can't."""
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def require_safetensors(folder: Path) -> None:
+    """Refuse a model folder whose weights are only pickled: unpickling can run arbitrary code.
+
+    Loads pass ``use_safetensors=True`` too; this check names the problem before any work. A folder
+    with neither kind of weights is left to ``from_pretrained``'s own error.
+    """
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
+    if pickled:
+        raise UserError(
+            f"{folder} holds weights only as pickle ({', '.join(pickled)}), no *.safetensors: "
+            "lmforge loads safetensors only, because loading a pickle can run code. Convert it where "
+            "you trust the file: from_pretrained(folder).save_pretrained(folder) writes safetensors"
+        )
+
+
+@functools.cache
+def _warn_remote_code() -> None:
+    print(
+        "warning: model.trust_remote_code is true: loading the model runs Python code that ships "
+        "with it, with your user's rights (files, credentials, network). Use it only for a source "
+        "you trust, pinned to a revision you have read.", file=sys.stderr)
+
+
+def remote_code(trust: bool) -> bool:
+    """``params.model.trust_remote_code`` for ``from_pretrained``: when on, warn once per stage."""
+    if trust:
+        _warn_remote_code()
+    return trust
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """Load a fast tokenizer from a resolved model source, with a clear error when it can't.
+
+    ``trust_remote_code`` is passed explicitly either way: left unset, transformers asks on stdin.
+    """
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, use_fast=True)
+        return AutoTokenizer.from_pretrained(
+            source, use_fast=True, trust_remote_code=remote_code(trust_remote_code))
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
@@ -98,6 +139,9 @@ def load_tokenizer(source: str):
             f"model.source '{source}' is neither a local model folder nor a reachable hub id"
             f"{hint}: {str(err).splitlines()[0]}"
         ) from None
+    except ValueError as err:  # e.g. custom code refused: trust_remote_code is off
+        raise UserError(f"model.source '{source}': cannot load its tokenizer: "
+                        f"{' '.join(str(err).split())[:300]}") from None
 
 
 def label_set(train_labels, given: list[str] | None) -> list[str]:

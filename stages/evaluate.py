@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from stages import tracking
-from stages.common import UserError, read_json, run_main, write_json
+from stages.common import UserError, read_json, require_safetensors, run_main, write_json
 from stages.metrics import load_metric
 from stages.params import Params, load_params
 
@@ -28,14 +28,21 @@ def load_model(folder: Path):
     """The trained classifier (eval mode, on the GPU when there is one) and its tokenizer."""
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: no trained model there (no config.json): run `dvc repro train`")
+    require_safetensors(folder)
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per run floods DVC's output
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
+    # Our own train output: weights from safetensors, never code shipped beside them.
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), use_safetensors=True, trust_remote_code=False)
+    except ValueError as err:  # a model trained with model.trust_remote_code
+        raise UserError(f"{folder}: {' '.join(str(err).split())[:300]}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    return model.to(device).eval(), tokenizer
 
 
 def model_labels(config, data_labels: list[str], folder: Path) -> list[str]:

@@ -82,6 +82,17 @@ def version_tags(run_tags: dict[str, str], metrics: dict) -> dict[str, str]:
     return tags
 
 
+def create_registered_model(client, name: str) -> None:
+    """Create `name`; one created by another gate meanwhile (a parallel queue worker) is as good."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="lmforge models that passed gate.floors")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def register(client, name: str, run_id: str, tags: dict[str, str]) -> int:
     """A version of `name` for the run's logged model folder; the run's existing version if any."""
     from mlflow.exceptions import MlflowException
@@ -98,7 +109,7 @@ def register(client, name: str, run_id: str, tags: dict[str, str]) -> int:
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        client.create_registered_model(name, description="lmforge models that passed gate.floors")
+        create_registered_model(client, name)
     # The real location (a path, s3://, mlflow-artifacts:/), not runs:/: a tracking server accepts
     # it when it lies inside the run's artifact root, and it stays valid for any registry client.
     source = RunsArtifactRepository.get_underlying_uri(f"runs:/{run_id}/model")

@@ -10,6 +10,7 @@ and the source's content hash, so `dvc metrics diff` shows data changes between 
 
 from __future__ import annotations
 
+import re
 import shutil
 import unicodedata
 from pathlib import Path
@@ -19,85 +20,25 @@ import pandas as pd
 
 from stages.common import SPLITS, UserError, run_main, sha256_of, write_json
 from stages.params import Cleaning, Data, Params, load_params
-
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-HF_PREFIX = "hf:"
+from stages.sources import HF_PREFIX, delimiter_hint, find_split_files, load_source
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read one CSV/JSONL/Parquet file, turning the usual ways it can be unreadable into UserErrors."""
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"{path}: unsupported format '{path.suffix}' (use {', '.join(FORMATS)})")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: the file is empty")
-    try:
-        if fmt == "csv":
-            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""])
-        if fmt == "jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
-        return pd.read_parquet(path)
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
-            "re-save the file as UTF-8"
-        ) from None
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise UserError(f"{path}: cannot be read as {fmt}: {str(err).splitlines()[0]}") from None
-
-
-def find_split_files(folder: Path) -> dict[str, Path]:
-    """Map split name -> file for a folder source; train is required, the others optional."""
-    found: dict[str, Path] = {}
-    for split in SPLITS:
-        matches = [p for p in sorted(folder.glob(f"{split}.*")) if p.suffix.lower() in FORMATS]
-        if len(matches) > 1:
-            raise UserError(f"{folder}: several files for split '{split}': {[p.name for p in matches]}")
-        if matches:
-            found[split] = matches[0]
-    if "train" not in found:
-        names = sorted(p.name for p in folder.iterdir())
-        raise UserError(f"{folder}: no train.csv/.jsonl/.parquet file (found: {names})")
-    return found
-
-
-def load_hub_dataset(dataset_id: str) -> dict[str, pd.DataFrame]:
-    """Load every split of a hub dataset; offline this fails with a message, not a traceback."""
-    import datasets
-
-    try:
-        dd = datasets.load_dataset(dataset_id)
-    except Exception as err:  # the hub client raises many types (offline, 404, auth)
-        raise UserError(
-            f"data.source 'hf:{dataset_id}': cannot load from the Hugging Face hub "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            "Without network access, point data.source at a local file or folder."
-        ) from None
-    renamed = {"dev": "validation", "valid": "validation", "val": "validation"}
-    return {renamed.get(name, name): ds.to_pandas() for name, ds in dd.items()}
-
-
-def load_source(data: Data) -> dict[str, pd.DataFrame]:
-    """Read the source into tables keyed by split name (``source`` for a single, unsplit file)."""
-    if data.source.startswith(HF_PREFIX):
-        return load_hub_dataset(data.source.removeprefix(HF_PREFIX))
-    path = Path(data.source)
-    if not path.exists():
-        raise UserError(f"data.source '{path}' does not exist")
-    if path.is_dir():
-        return {split: read_table(p) for split, p in find_split_files(path).items()}
-    return {"source": read_table(path)}
+def is_number(v: object) -> bool:
+    # A CSV column holding 1 and "pos" arrives as strings: "1" counts as the number it spells.
+    if isinstance(v, str):
+        return re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", v) is not None
+    return isinstance(v, (int, float, np.integer, np.floating))
 
 
 def labels_as_strings(labels: pd.Series, where: str) -> pd.Series:
     """Labels become strings (ints stay readable: 1.0 from a CSV with gaps becomes '1'); nulls stay."""
     present = labels.dropna()
-    is_num = present.map(lambda v: isinstance(v, (int, float, np.integer, np.floating)))
+    is_num = present.map(is_number).astype(bool)
     if is_num.any() and not is_num.all():
-        examples = {repr(present[is_num].iloc[0]), repr(present[~is_num].iloc[0])}
+        examples = [present[is_num].iloc[0], present[~is_num].iloc[0]]
         raise UserError(
             f"{where}: label column mixes numbers and strings ({int(is_num.sum())} numeric, "
-            f"{int((~is_num).sum())} text, e.g. {sorted(examples)}); use one kind"
+            f"{int((~is_num).sum())} text, e.g. {examples!r}); use one kind"
         )
 
     def fmt(v: object) -> object:
@@ -109,11 +50,13 @@ def labels_as_strings(labels: pd.Series, where: str) -> pd.Series:
 
 
 def check_columns(df: pd.DataFrame, where: str, data: Data) -> None:
-    missing = [c for c in (data.text_column, data.label_column) if c not in df.columns]
+    wanted = {"data.text_column": data.text_column, "data.label_column": data.label_column}
+    missing = {key: c for key, c in wanted.items() if c not in df.columns}
     if missing:
+        found = list(map(str, df.columns))
         raise UserError(
-            f"{where}: missing column(s) {missing} (data.text_column / data.label_column); "
-            f"the file has columns {list(map(str, df.columns))}"
+            f"{where}: missing column(s) {list(missing.values())} ({', '.join(missing)}); "
+            f"the file has columns {found}{delimiter_hint(found[0]) if len(found) == 1 else ''}"
         )
 
 
@@ -173,20 +116,50 @@ def stratified_split(
     }
 
 
+def require_rows(df: pd.DataFrame, raw: pd.DataFrame, where: str, dropped: dict, data: Data) -> None:
+    """A table that cleaning emptied would give an empty split: name it and what was dropped."""
+    if len(df):
+        return
+    example = raw[[data.text_column, data.label_column]].iloc[0].to_dict()
+    raise UserError(
+        f"{where}: 0 rows left after cleaning ({len(raw)} read: {dropped['empty']} empty, "
+        f"{dropped['duplicate']} duplicate dropped; data.clean), e.g. {example!r}"
+    )
+
+
+def require_carved(
+    splits: dict[str, pd.DataFrame], fractions: dict, base: pd.DataFrame, data: Data
+) -> None:
+    """A carved split can round to 0 rows when every class is small: say so before train fails."""
+    for split, frac in fractions.items():
+        if len(splits[split]) == 0:
+            per_class = base[data.label_column].value_counts(dropna=False).to_dict()
+            raise UserError(
+                f"{data.source}: the {split} split is empty: data.split.{split} = {frac:g} of each "
+                f"class rounds to 0 rows (rows per class after cleaning: {per_class}); add rows, "
+                f"raise data.split.{split}, or provide a {split} file"
+            )
+
+
 def make_splits(
     tables: dict[str, pd.DataFrame], data: Data
 ) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, int]]]:
     """Check, clean and complete the splits; return them with the dropped counts per table."""
     cleaned, dropped = {}, {}
     for name, df in tables.items():
-        check_columns(df, f"{data.source} [{name}]", data)
-        df = df.assign(**{data.label_column: labels_as_strings(df[data.label_column], name)})
-        cleaned[name], dropped[name] = clean_table(df, data)
+        where = df.attrs.get("path") or f"{data.source} [{name}]"
+        check_columns(df, where, data)
+        labels = labels_as_strings(df[data.label_column], f"{where} column '{data.label_column}'")
+        cleaned[name], dropped[name] = clean_table(df.assign(**{data.label_column: labels}), data)
+        require_rows(cleaned[name], df, where if name == "source" else f"{where} ({name} split)",
+                     dropped[name], data)
     base = cleaned.pop("source", None)
     if base is None:
         base = cleaned.pop("train")
     missing = {s: getattr(data.split, s) for s in ("validation", "test") if s not in cleaned}
-    splits = {**stratified_split(base, data.label_column, missing, data.seed), **cleaned}
+    carved = stratified_split(base, data.label_column, missing, data.seed)
+    require_carved(carved, missing, base, data)
+    splits = {**carved, **cleaned}
     return {s: splits[s] for s in SPLITS}, dropped
 
 
@@ -210,9 +183,6 @@ def build_manifest(
 
 def copy_raw(data: Data, tables: dict[str, pd.DataFrame], raw_dir: Path) -> None:
     """Keep an immutable copy of exactly what was read (bytes for files, Parquet for hub data)."""
-    if raw_dir.exists():
-        shutil.rmtree(raw_dir)
-    raw_dir.mkdir(parents=True)
     src = Path(data.source)
     if data.source.startswith(HF_PREFIX):
         for name, df in tables.items():
@@ -225,11 +195,26 @@ def copy_raw(data: Data, tables: dict[str, pd.DataFrame], raw_dir: Path) -> None
 
 
 def write_splits(splits: dict[str, pd.DataFrame], out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
     for name, df in splits.items():
         df.to_parquet(out_dir / f"{name}.parquet", index=False)
+
+
+def staging(dest: Path) -> Path:
+    """An empty folder beside dest (same filesystem: moving it into place is a rename)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-write
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def swap_in(tmp: Path, dest: Path) -> None:
+    """Replace dest by the fully written tmp; a crash in between leaves dest or .dest.old, never half."""
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(params: Params | None = None) -> dict:
@@ -237,9 +222,14 @@ def main(params: Params | None = None) -> dict:
     data, paths = params.data, params.paths
     tables = load_source(data)
     splits, dropped = make_splits(tables, data)  # all checks pass before anything is written
-    copy_raw(data, tables, paths.raw)
-    write_splits(splits, paths.interim)
-    manifest = build_manifest(splits, dropped, data, sha256_of(paths.raw))
+    # dvc.yaml persists these outputs, so a failed run leaves the last good ones in place; new ones
+    # are written aside and swapped in only once complete.
+    raw, interim = staging(paths.raw), staging(paths.interim)
+    copy_raw(data, tables, raw)
+    write_splits(splits, interim)
+    manifest = build_manifest(splits, dropped, data, sha256_of(raw))
+    swap_in(raw, paths.raw)
+    swap_in(interim, paths.interim)
     write_json(paths.manifest, manifest)
     n_dropped = sum(sum(d.values()) for d in dropped.values())
     print(f"ingest: {manifest['rows']} rows, {n_dropped} dropped {dropped} -> {paths.interim}")

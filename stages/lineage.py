@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stages.common import UserError
 from stages.params import Params, load_params
-from stages.tracking import lineage_tags
+from stages.tracking import REDACTED, lineage_tags, redact_uri
 
 # The params sections that shape the model (what train logs to MLflow); `paths`, `serve`, ... do not.
 MODEL_SECTIONS = ("data", "model", "prepare", "train")
@@ -80,8 +80,11 @@ def unreachable(uri: str) -> str | None:
 
 def mlflow_facts(run_info: dict, default_uri: str) -> dict:
     """The run id and store from run.json, plus the run's status, test accuracy and lineage tags."""
-    uri = run_info.get("tracking_uri") or default_uri  # where train logged, not where we'd log now
-    facts = {"run_id": run_info.get("run_id"), "tracking_uri": uri}
+    shown = run_info.get("tracking_uri") or default_uri  # where train logged, not where we'd log now
+    # run.json holds the URI with its password redacted: connect with the configured one when it
+    # is the same store.
+    uri = default_uri if REDACTED in shown and redact_uri(default_uri) == shown else shown
+    facts = {"run_id": run_info.get("run_id"), "tracking_uri": redact_uri(shown)}
     why = unreachable(uri)
     if why:
         return facts | {"status": f"unreachable ({why})"}

@@ -1,4 +1,5 @@
-"""The Lightning side of stage train: data module, model wrapper, optimizer, training curves.
+"""The Lightning side of stage train: data module, model wrapper, optimizer, training curves, and
+what makes a killed run resume exactly (resumable loader, RNG state, atomic checkpoint writes).
 
 Imported by stages/train.py, which builds the Trainer and owns the I/O; nothing here reads params
 files or starts MLflow runs.
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from stages.params import Train
+from stages.resume import ResumableLoader
 
 VAL_METRICS = ("val_loss", "val_accuracy", "val_f1_macro")
 
@@ -35,17 +37,25 @@ def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: i
     return order
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Indices in length-grouped order, reshuffled per epoch (Lightning calls ``set_epoch``)."""
+class EpochSampler(Sampler[int]):
+    """Indices in an order fixed by ``seed + epoch`` alone (Lightning calls ``set_epoch``).
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+    No global RNG is drawn, so a resumed run replays an epoch's order exactly. ``group``: length-
+    grouped batches (``length_grouped_order``); else a plain permutation.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: bool = True) -> None:
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
+        seed = self.seed + self.epoch
+        if self.group:
+            return iter(length_grouped_order(self.lengths, self.batch_size, seed))
+        return iter(np.random.default_rng(seed).permutation(len(self.lengths)).tolist())
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -80,19 +90,21 @@ class TextData(L.LightningDataModule):
 
         self.splits = load_from_disk(str(self.folder)).remove_columns("text")
 
-    def _loader(self, split: str, batch_size: int, sampler) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler, cls=DataLoader) -> DataLoader:
         n = self.cfg.num_workers
         collate = partial(pad_batch, pad_id=self.pad_id)  # picklable for worker processes
-        return DataLoader(self.splits[split], batch_size=batch_size, sampler=sampler,
-                          shuffle=sampler is None, collate_fn=collate, num_workers=n,
-                          persistent_workers=n > 0)
+        # An own generator: creating an iterator draws a seed from it, and drawing from the global
+        # RNG instead would shift every dropout mask after it (and differ after a resume).
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        return cls(self.splits[split], batch_size=batch_size, sampler=sampler,
+                   collate_fn=collate, num_workers=n, persistent_workers=n > 0,
+                   generator=generator)
 
     def train_dataloader(self) -> DataLoader:
-        cfg, sampler = self.cfg, None  # None: the DataLoader shuffles
-        if cfg.group_by_length:
-            lengths = token_lengths(self.splits["train"])
-            sampler = LengthGroupedSampler(lengths, cfg.batch_size, cfg.seed)
-        return self._loader("train", cfg.batch_size, sampler)
+        cfg = self.cfg
+        sampler = EpochSampler(token_lengths(self.splits["train"]), cfg.batch_size, cfg.seed,
+                               group=cfg.group_by_length)
+        return self._loader("train", cfg.batch_size, sampler, ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
         # Sorted by length: the order does not change the metrics, and padding shrinks.

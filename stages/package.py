@@ -16,10 +16,10 @@ import json
 import shutil
 from pathlib import Path
 
-from stages.common import UserError, read_json, run_main, write_json
+from stages.common import UserError, read_json, require_safetensors, run_main, write_json
 from stages.lineage import params_hash
 from stages.params import Params, load_params
-from stages.tracking import lineage_tags
+from stages.tracking import lineage_tags, redact_uri
 
 
 def model_label_names(model_dir: Path) -> list[str]:
@@ -29,6 +29,7 @@ def model_label_names(model_dir: Path) -> list[str]:
     missing = [f for f in ("config.json", "labels.json") if not (model_dir / f).exists()]
     if missing:
         raise UserError(f"model folder {model_dir} lacks {missing}: rerun `dvc repro train`")
+    require_safetensors(model_dir)  # the service loads safetensors only: refuse before building
     id2label = json.loads((model_dir / "labels.json").read_text())["id2label"]
     config_labels = json.loads((model_dir / "config.json").read_text()).get("id2label", {})
     # The service names classes from config.json; labels.json is what the data stages used.
@@ -73,7 +74,8 @@ def serve_metadata(params: Params, labels: list[str], run_info: dict) -> dict:
         "labels": labels,
         "max_length": params.prepare.max_length,  # truncate as in training
         "serve": params.serve.model_dump(),
-        "mlflow_tracking_uri": run_info.get("tracking_uri", ""),
+        # run.json from before redaction existed may still hold a password.
+        "mlflow_tracking_uri": redact_uri(run_info.get("tracking_uri", "")),
     }
 
 

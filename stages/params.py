@@ -9,7 +9,9 @@ Each section belongs to one stage (``data`` -> ingest, ``validate`` -> validate,
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
@@ -171,6 +173,11 @@ class ModelSource(Section):
         description="A local folder, a hub id, or 'package:<python package>/<folder>' for a "
         "model shipped inside an installed package.",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped with a hub model (custom architectures). Off: a "
+        "model is data, loaded from safetensors only; turning it on prints a warning.",
+    )
 
 
 class Prepare(Section):
@@ -186,6 +193,25 @@ class EarlyStopping(Section):
     monitor: Literal["val_loss", "val_accuracy", "val_f1_macro"] = "val_accuracy"
     mode: Literal["min", "max"] = "max"
     patience: int = Field(2, ge=1, description="Validation checks without improvement.")
+
+
+# What lightning.Trainer accepts (2.6), plus our `auto`; a typo fails at load, not after model loading.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true",
+              "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+DEVICES_HELP = "a count >= 1, -1 (every GPU), 'auto', or GPU ids such as '0,1'"
+
+
+def parse_devices(devices: int | str) -> int | list[int] | None:
+    """Lightning's reading of ``devices``: None (auto), a count (-1: all) or a list of GPU ids."""
+    if devices == "auto":
+        return None
+    text = str(devices).strip()
+    if re.fullmatch(r"-1|[1-9]\d*", text):
+        return int(text)
+    if isinstance(devices, str) and re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text):
+        return [int(i) for i in text.split(",") if i.strip()]
+    raise ValueError(f"{devices!r} is not a device request: use {DEVICES_HELP}")
 
 
 class Train(Section):
@@ -216,6 +242,30 @@ class Train(Section):
     strategy: str = Field("auto", description="Lightning strategy: auto, ddp, fsdp, ...")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     log_every_n_steps: int = Field(5, ge=1)
+    checkpoint_every_n_steps: int | None = Field(
+        50, ge=1, description="Also write last.ckpt every N optimizer steps, so a killed run "
+        "loses at most N steps; null: only at epoch ends."
+    )
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, v: str) -> str:
+        if v not in PRECISIONS:
+            raise ValueError(f"'{v}' is not a Lightning precision; one of: {', '.join(PRECISIONS)}")
+        return v
+
+    @field_validator("accelerator")
+    @classmethod
+    def _known_accelerator(cls, v: str) -> str:
+        if v not in ACCELERATORS:
+            raise ValueError(f"'{v}' is not a Lightning accelerator; one of: {', '.join(ACCELERATORS)}")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_spelling(cls, v: int | str) -> int | str:
+        parse_devices(v)  # raises ValueError naming the accepted spellings
+        return v
 
     @model_validator(mode="after")
     def _early_stopping_direction(self) -> Train:
@@ -226,6 +276,67 @@ class Train(Section):
                 "(loss is minimized, accuracy and F1 maximized)"
             )
         return self
+
+
+def check_hardware(
+    train: Train, cuda_available: bool, bf16_supported: bool, gpu_count: int,
+    strategies: Collection[str] = (),
+) -> list[str]:
+    """Every train setting this machine cannot run (empty: all fine), each naming its key.
+
+    Lightning refuses some of these only when the Trainer is built (after the model is loaded and
+    the MLflow run opened) and silently changes others: ``16-mixed`` on a CPU becomes bf16-mixed.
+    ``strategies``: the names Lightning knows (empty: not checked).
+    """
+    problems = []
+    wants_gpu = train.accelerator in ("gpu", "cuda")
+    on_gpu = cuda_available and train.accelerator in ("auto", "gpu", "cuda")
+    if wants_gpu and not cuda_available:
+        problems.append(f"train.accelerator: '{train.accelerator}' but no CUDA GPU is visible "
+                        "(use auto or cpu)")
+    precision, where = train.precision, "a GPU" if on_gpu else "a CPU"
+    if precision.startswith("bf16") and on_gpu and not bf16_supported:
+        problems.append(f"train.precision: '{precision}' needs bfloat16, which this GPU lacks "
+                        "(before Ampere): use 16-mixed or 32-true")
+    if not on_gpu and not wants_gpu and precision in ("16-mixed", "16"):
+        problems.append(f"train.precision: '{precision}' on a CPU: Lightning would silently train "
+                        "in bf16-mixed instead; use bf16-mixed or 32-true")
+    if not on_gpu and not wants_gpu and precision.startswith("transformer-engine"):
+        problems.append(f"train.precision: '{precision}' needs an NVIDIA GPU")
+    problems += _device_problems(train.devices, on_gpu, gpu_count)
+    strategy = train.strategy
+    if strategies and strategy != "auto" and strategy not in strategies:
+        problems.append(f"train.strategy: '{strategy}' is not a Lightning strategy; e.g. auto, ddp, "
+                        "fsdp, deepspeed")
+    elif strategy.startswith(("fsdp", "deepspeed")) and not on_gpu:
+        problems.append(f"train.strategy: '{strategy}' shards a model across GPUs; on {where} use "
+                        "auto or ddp")
+    return problems
+
+
+def _device_problems(devices: int | str, on_gpu: bool, gpu_count: int) -> list[str]:
+    wanted = parse_devices(devices)
+    if on_gpu and isinstance(wanted, int) and wanted > gpu_count:
+        return [f"train.devices: {wanted} GPUs asked for, {gpu_count} visible"]
+    if on_gpu and isinstance(wanted, list) and max(wanted) >= gpu_count:
+        return [f"train.devices: GPU ids {wanted} asked for, visible ids are 0..{gpu_count - 1}"]
+    if not on_gpu and isinstance(wanted, list):
+        return [f"train.devices: GPU ids {wanted} on a CPU; use a process count or auto"]
+    return []
+
+
+def require_hardware(train: Train) -> None:
+    """Refuse, listing every problem, train settings this machine cannot run: before any work."""
+    import torch
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    cuda = torch.cuda.is_available()
+    problems = check_hardware(
+        train, cuda, cuda and torch.cuda.is_bf16_supported(),
+        torch.cuda.device_count() if cuda else 0, StrategyRegistry.available_strategies())
+    if problems:
+        raise UserError(f"params train section: {len(problems)} problem(s) on this machine:\n"
+                        + "\n".join(f"  - {p}" for p in problems))
 
 
 class Evaluate(Section):

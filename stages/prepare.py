@@ -82,7 +82,8 @@ def main(params: Params | None = None) -> dict:
     frames = {s: pd.read_parquet(paths.interim / f"{s}.parquet") for s in SPLITS}
     labels = label_set(frames["train"][data.label_column], data.labels)
     mapping = label_mapping(labels)
-    tokenizer = load_tokenizer(resolve_model_source(params.model.source))
+    tokenizer = load_tokenizer(resolve_model_source(params.model.source),
+                               params.model.trust_remote_code)
 
     import datasets
 

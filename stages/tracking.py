@@ -7,15 +7,56 @@ output of train and a dependency of evaluate. Library code never starts runs.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from stages.common import read_json, write_json
+from stages.common import UserError, read_json, write_json
 from stages.params import Params, Tracking
 
 SQLITE = "sqlite:///"
+STORE_LOCK_TIMEOUT_S = 120.0  # creating and migrating a new store takes ~2 s
+REDACTED = "***"
+# A key segment naming a secret: hf_token, api_key, AWS_SECRET_ACCESS_KEY, db.password, auth...
+# Whole segments only, so `tokenizer` or `max_tokens` stay readable.
+SECRET_KEY = re.compile(
+    r"(^|[._-])(token|secret|password|passwd|pwd|passphrase|api_?key|access_?key|private_?key"
+    r"|credentials?|auth|authorization|sig|signature)($|[._-])", re.IGNORECASE)
+# scheme://user:password@host or scheme://token@host: the password, or a lone user part over http
+# (GitHub and hub tokens travel there), becomes ***.
+URI_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<user>[^\s/@:?#]*)"
+                          r"(?::(?P<password>[^\s/@?#]*))?@", re.IGNORECASE)
+QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<key>[^=&#\s]+)=(?P<value>[^&#\s]*)")
+
+
+def is_secret_name(key: str) -> bool:
+    """Whether a (dotted) params key or environment variable name looks like it holds a secret."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)  # hfToken -> hf_Token
+    return bool(SECRET_KEY.search(snake))
+
+
+def _userinfo(m: re.Match) -> str:
+    if m["password"] is not None:
+        return f"{m['scheme']}{m['user']}:{REDACTED}@"
+    if m["scheme"].lower().endswith(("http://", "https://")) and m["user"]:
+        return f"{m['scheme']}{REDACTED}@"
+    return m[0]  # ssh://git@host: a user name, not a secret
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with credentials inside any URI in it replaced by ***: the password of
+    ``user:password@``, a lone ``token@`` of an http(s) URI, and secret-named query parameters."""
+    text = URI_USERINFO.sub(_userinfo, text)
+    return QUERY_PARAM.sub(
+        lambda m: f"{m['sep']}{m['key']}={REDACTED}" if is_secret_name(m["key"]) else m[0], text)
+
+
+def redact(key: str, value: object) -> str:
+    """What may be written for ``key = value``: *** for a secret-named key, else the value with any
+    credentials in URIs removed."""
+    return REDACTED if is_secret_name(key) else redact_uri(str(value))
 
 
 def configured_uri(cfg: Tracking) -> str:
@@ -44,10 +85,39 @@ def use_experiment(name: str, uri: str) -> None:
     """
     import mlflow
 
-    if uri.startswith(SQLITE) and mlflow.get_experiment_by_name(name) is None:
-        store = Path(uri.removeprefix(SQLITE))
-        mlflow.create_experiment(name, artifact_location=str(store.parent / "mlruns" / name))
-    mlflow.set_experiment(name)
+    if not uri.startswith(SQLITE):
+        mlflow.set_experiment(name)
+        return
+    store = Path(uri.removeprefix(SQLITE))
+    with store_lock(store):
+        if mlflow.get_experiment_by_name(name) is None:  # the first call creates a new store
+            mlflow.create_experiment(name, artifact_location=str(store.parent / "mlruns" / name))
+        mlflow.set_experiment(name)
+
+
+@contextmanager
+def store_lock(store: Path, timeout_s: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold ``<store>.lock`` while a sqlite store and its experiment are created.
+
+    MLflow creates and migrates a new store's tables without a lock: two queue workers
+    (`dvc queue start -j 2`) doing it at once break each other's migrations, and both fail. Once
+    the store exists, sqlite's own locking (MLflow waits up to 20 s for a busy database) suffices.
+    The lock is an OS file lock: it is released when its process dies, so it never goes stale.
+    """
+    from filelock import FileLock, Timeout
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{store}.lock")
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise UserError(f"MLflow store {store}: another process held {store}.lock for more than "
+                        f"{timeout_s:g} s while creating it; is an `mlflow db upgrade` running?"
+                        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _git(*args: str) -> str:
@@ -68,11 +138,12 @@ def lineage_tags(data_hash: str) -> dict[str, str]:
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
-    return tags
+    return {key: redact(key, value) for key, value in tags.items()}
 
 
 def flat_params(params: Params, sections: tuple[str, ...]) -> dict[str, str]:
-    """The resolved params sections as dotted keys (MLflow params are flat strings)."""
+    """The resolved params sections as dotted keys (MLflow params are flat strings), secrets
+    redacted: a secret-named key's value, and credentials inside URIs (``model.source``...)."""
     dumped = params.model_dump(mode="json", by_alias=True)
     flat: dict[str, str] = {}
 
@@ -81,7 +152,7 @@ def flat_params(params: Params, sections: tuple[str, ...]) -> dict[str, str]:
             for k, v in node.items():
                 walk(f"{prefix}.{k}", v)
         else:
-            flat[prefix] = str(node)
+            flat[prefix] = redact(prefix, node)
 
     for name in sections:
         walk(name, dumped[name])
@@ -92,14 +163,16 @@ def start_run(params: Params, sections: tuple[str, ...], data_hash: str) -> str:
     """Open a new run (tags + resolved params), record its id in paths.run_info, return the id."""
     import mlflow
 
-    uri = tracking_uri(params.tracking)
+    # Read before set_tracking_uri, which overwrites MLFLOW_TRACKING_URI in os.environ.
+    configured, uri = configured_uri(params.tracking), tracking_uri(params.tracking)
     mlflow.set_tracking_uri(uri)
     use_experiment(params.tracking.experiment, uri)
     with mlflow.start_run(tags=lineage_tags(data_hash)) as run:
         mlflow.log_params(flat_params(params, sections))
     # As configured, not resolved: a relative store stays relative to wherever the repo is cloned.
+    # Without its password: run.json is committed and travels into the Bento's labels.
     info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-            "tracking_uri": configured_uri(params.tracking)}
+            "tracking_uri": redact_uri(configured)}
     write_json(params.paths.run_info, info)
     return run.info.run_id
 

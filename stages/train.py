@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -27,18 +28,21 @@ from stages.common import (
     UserError,
     load_tokenizer,
     read_json,
+    remote_code,
     resolve_model_source,
     run_main,
     sha256_of,
     write_json,
 )
 from stages.lit import VAL_METRICS, Classifier, Curves, TextData, write_curves
-from stages.params import Params, Train, load_params
+from stages.params import Params, Train, load_params, require_hardware
+from stages.resume import AtomicCheckpointIO, ResumeState, StepCheckpoint
 
 # Train knobs that may change between an interrupted run and its resumption: the budget (raise
-# max_epochs to train on), hardware and logging. Every other knob makes a checkpoint stale.
+# max_epochs to train on), hardware, logging and how often to checkpoint. Every other knob makes
+# a checkpoint stale.
 RESUME_FREE = {"max_epochs", "max_steps", "accelerator", "devices", "strategy", "num_workers",
-               "log_every_n_steps", "eval_batch_size"}
+               "log_every_n_steps", "eval_batch_size", "checkpoint_every_n_steps"}
 STATE_FILE = "train_state.json"  # beside last.ckpt: what made it, and whether that run finished
 
 
@@ -83,6 +87,8 @@ def checkpoint_to_resume(folder: Path, fp: str, budget: dict) -> Path | None:
     state_path = folder / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     resume, why = should_resume(state, fp, budget) if last.exists() else (False, "")
+    if resume and not zipfile.is_zipfile(last):  # torch.save writes a zip; a cut-off one lacks its end
+        resume, why = False, "it is truncated (a run killed while writing it, before atomic saves)"
     if resume:
         print(f"train: resuming from {last} ({why})")
     elif folder.exists() and any(folder.iterdir()):
@@ -93,8 +99,12 @@ def checkpoint_to_resume(folder: Path, fp: str, budget: dict) -> Path | None:
     return last if resume else None
 
 
-def load_model(source: str, mapping: dict):
-    """The pretrained model with a fresh head for our labels (another head size is replaced)."""
+def load_model(source: str, mapping: dict, trust_remote_code: bool = False):
+    """The pretrained model with a fresh head for our labels (another head size is replaced).
+
+    Weights come from safetensors only; code shipped with the model runs only when
+    ``model.trust_remote_code`` is on (with a warning).
+    """
     from transformers import AutoModelForSequenceClassification
 
     id2label = {int(i): name for i, name in mapping["id2label"].items()}
@@ -102,10 +112,13 @@ def load_model(source: str, mapping: dict):
         return AutoModelForSequenceClassification.from_pretrained(
             resolve_model_source(source), num_labels=len(id2label), id2label=id2label,
             label2id=mapping["label2id"], ignore_mismatched_sizes=True, use_safetensors=True,
+            trust_remote_code=remote_code(trust_remote_code),
             dtype=torch.float32)  # mixed precision casts; never train in a half-precision copy
     except (OSError, ValueError) as err:
+        hint = (" (it ships its own code: set model.trust_remote_code: true only for a source you "
+                "trust)" if "trust_remote_code" in str(err) else "")
         raise UserError(f"model.source '{source}': cannot load a classification model from it: "
-                        f"{str(err).splitlines()[0]}") from None
+                        f"{str(err).splitlines()[0]}{hint}") from None
 
 
 def build_trainer(params: Params, callbacks: list, logger) -> L.Trainer:
@@ -122,6 +135,7 @@ def build_trainer(params: Params, callbacks: list, logger) -> L.Trainer:
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.gradient_clip_val, log_every_n_steps=cfg.log_every_n_steps,
         callbacks=callbacks, logger=logger, default_root_dir=params.paths.checkpoints,
+        plugins=[AtomicCheckpointIO()],  # a kill while saving never truncates last.ckpt
         enable_progress_bar=sys.stdout.isatty(),  # DVC logs are no place for progress bars
         enable_model_summary=False,  # a table per run; the parameter count is in the model config
         benchmark=False)  # cudnn autotuning picks kernels nondeterministically
@@ -135,7 +149,9 @@ def make_callbacks(cfg: Train, folder: Path) -> tuple[Curves, L.Callback, list]:
     monitor, mode = (es.monitor, es.mode) if es else ("val_accuracy", "max")
     best = ModelCheckpoint(dirpath=folder, filename="best-{epoch}-{step}", monitor=monitor,
                            mode=mode, save_top_k=1, save_last=True)
-    others = [LearningRateMonitor(logging_interval="step")]
+    others = [LearningRateMonitor(logging_interval="step"), ResumeState()]
+    if cfg.checkpoint_every_n_steps:  # between epoch ends; `best` alone picks the exported model
+        others.append(StepCheckpoint(folder, cfg.checkpoint_every_n_steps))
     if es:
         # strict=False: when max_steps ends training inside the first epoch no validation ran,
         # and the monitor (a Literal in params, so no typo) is legitimately missing.
@@ -228,7 +244,7 @@ def open_run(params: Params, budget: dict) -> tuple[Path | None, str | None, str
     if rank_zero_only.rank != 0:  # a DDP worker, launched from rank 0's fit(): rank 0 has
         last = paths.checkpoints / "last.ckpt"  # already cleared any stale last.ckpt
         return (last if last.exists() else None), None, ""
-    code = "".join(sha256_of(Path(__file__).with_name(m)) for m in ("train.py", "lit.py"))
+    code = "".join(sha256_of(Path(__file__).with_name(m)) for m in ("train.py", "lit.py", "resume.py"))
     fp = fingerprint(params, sha256_of(paths.processed), code)
     ckpt = checkpoint_to_resume(paths.checkpoints, fp, budget)
     run_id = start_run(params, ("data", "model", "prepare", "train"), manifest_hash(paths.manifest))
@@ -242,12 +258,13 @@ def main(params: Params | None = None) -> dict:
 
     params = params or load_params()
     paths, cfg = params.paths, params.train
+    require_hardware(cfg)  # before any loading, and before an MLflow run is opened
     started = time.perf_counter()
     quiet_libraries()
     mapping = read_json(paths.processed / "labels.json", "run `dvc repro prepare` first")
     tokenizer = load_tokenizer(str(paths.processed / "tokenizer"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the new head is initialized
-    model = load_model(params.model.source, mapping)
+    model = load_model(params.model.source, mapping, params.model.trust_remote_code)
     budget = {"max_epochs": cfg.max_epochs, "max_steps": cfg.max_steps}
     ckpt, run_id, fp = open_run(params, budget)
     # Off rank 0 the logger is inert (Lightning's rank-zero guards): no run, no writes.

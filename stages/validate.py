@@ -194,6 +194,12 @@ def as_metrics(report: dict) -> dict:
     return {"success": report["success"], "checks_failed": report["checks_failed"], "checks": counts}
 
 
+def short(value) -> str:
+    """An example as the terminal shows it: a long text is cut, with its length said."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(str(value))} chars)"
+
+
 def failure_summary(report: dict, where: list[Path]) -> str:
     """What a human reads in the terminal: each failed check, its count, examples, the report."""
     lines = [f"validation failed: {report['checks_failed']} of {len(report['checks'])} checks"]
@@ -202,7 +208,8 @@ def failure_summary(report: dict, where: list[Path]) -> str:
             what = f"{c['expectation']}({c['column']})"
             lines.append(f"  {name}: {c['unexpected_count']} unexpected [{what}]")
             if c["examples"]:
-                lines.append("      e.g. " + ", ".join(repr(x)[:80] for x in c["examples"]))
+                shown = dict.fromkeys(map(short, c["examples"]))  # a repeated text is shown once
+                lines.append("      e.g. " + ", ".join(shown))
             if c["error"]:
                 lines.append(f"      {c['error']}")
     return "\n".join([*lines, "full report: " + ", ".join(str(p) for p in where)])

@@ -54,6 +54,7 @@ def rows() -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 BERT with a word-level vocab covering the test rows, saved like a hub model."""
+    import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
@@ -66,6 +67,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=37, max_position_embeddings=64, num_labels=2,
     )
+    torch.manual_seed(0)  # a fixed random init: tests that compare outputs see the same model
     BertForSequenceClassification(config).save_pretrained(str(folder))
     return folder
 

@@ -62,8 +62,67 @@ def test_all_problems_are_listed_at_once():
         })
     msg = str(err.value)
     for key in ("data.seed", "validate.max_majority_share", "bogus"):
-        assert key in msg
-    assert "4 problem(s)" in msg or "problem(s)" in msg
+        assert f"  - {key}: " in msg
+    # A section's cross-field checks (text_column == label_column) run once its fields are valid.
+    assert "3 problem(s)" in msg
+
+
+def test_problems_in_every_section_are_listed_together():
+    with pytest.raises(UserError) as err:
+        parse_params({
+            "train": {"lerning_rate": 1e-4, "precision": "fp16", "learning_rate": -1},
+            "data": {"split": {"validation": 0.6, "test": 0.5}},
+            "serve": {"max_texts": "many"},
+            "gate": {"floors": {"accuracy": {"min": 0.9, "max": 0.5}}},
+            "model": {"trust_remote_code": "perhaps"},
+            "extra_section": {},
+        })
+    msg = str(err.value)
+    assert msg.startswith("params: 8 problem(s):"), msg
+    for key in ("train.lerning_rate", "train.precision", "train.learning_rate", "data.split",
+                "serve.max_texts", "gate.floors.accuracy", "model.trust_remote_code",
+                "extra_section"):
+        assert f"\n  - {key}: " in msg, key
+
+
+@pytest.mark.parametrize(("raw", "key", "message"), [
+    ({"train": {"learning_rate": -1e-4}}, "train.learning_rate", "greater than 0"),
+    ({"train": {"learning_rate": 3}}, "train.learning_rate", "less than or equal to 1"),
+    ({"train": {"warmup_ratio": 1.0}}, "train.warmup_ratio", "less than 1"),
+    ({"train": {"weight_decay": -0.01}}, "train.weight_decay", "greater than or equal to 0"),
+    ({"train": {"batch_size": 0}}, "train.batch_size", "greater than or equal to 1"),
+    ({"train": {"max_steps": -2}}, "train.max_steps", "greater than or equal to -1"),
+    ({"train": {"gradient_clip_val": 0}}, "train.gradient_clip_val", "greater than 0"),
+    ({"train": {"precision": "fp16"}}, "train.precision", "not a Lightning precision"),
+    ({"train": {"accelerator": "gpus"}}, "train.accelerator", "not a Lightning accelerator"),
+    ({"train": {"devices": 0}}, "train.devices", "not a device request"),
+    ({"train": {"devices": "0;1"}}, "train.devices", "not a device request"),
+    ({"train": {"checkpoint_every_n_steps": 0}}, "train.checkpoint_every_n_steps",
+     "greater than or equal to 1"),
+    ({"train": {"early_stopping": {"monitor": "val_loss", "mode": "max"}}}, "train",
+     "does not fit monitor"),
+    ({"data": {"split": {"validation": 0}}}, "data.split.validation", "greater than 0"),
+    ({"data": {"split": {"test": 1.5}}}, "data.split.test", "less than 1"),
+    ({"data": {"split": {"validation": 0.6, "test": 0.5}}}, "data.split",
+     "leaves no rows for train"),
+    ({"data": {"labels": ["a", "a"]}}, "data", "duplicates"),
+    ({"validate": {"max_duplicate_share": -0.1}}, "validate.max_duplicate_share",
+     "greater than or equal to 0"),
+    ({"prepare": {"max_length": 4}}, "prepare.max_length", "greater than or equal to 8"),
+    ({"serve": {"max_texts": 0}}, "serve.max_texts", "greater than or equal to 1"),
+    ({"gate": {"floors": {"accuracy": {"min": 0.9, "max": 0.5}}}}, "gate.floors.accuracy",
+     "above max"),
+    ({"gate": {"floors": {"accuracy": {}}}}, "gate.floors.accuracy", "give min, max or both"),
+    ({"gate": {"tolerances": {"loss": {"direction": "lower", "rel": -0.1}}}},
+     "gate.tolerances.loss.rel", "greater than or equal to 0"),
+    ({"package": {"model_name": "Bad Name"}}, "package.model_name", "should match pattern"),
+    ({"tracking": {"experiment": ""}}, "tracking.experiment", "at least 1 character"),
+])
+def test_each_bad_value_is_named_by_its_key_path(raw, key, message):
+    with pytest.raises(UserError) as err:
+        parse_params(raw)
+    lines = [line for line in str(err.value).splitlines() if line.startswith(f"  - {key}: ")]
+    assert len(lines) == 1 and message in lines[0], str(err.value)
 
 
 def test_impossible_combinations_are_refused():

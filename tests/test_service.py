@@ -6,6 +6,7 @@ repo root (as a user runs it) and is killed, with its worker processes, at the e
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -55,12 +56,16 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @contextmanager
-def serving(target: str, home: Path, cwd: Path, log: Path):
-    """Run `bentoml serve <target>` on a free 127.0.0.1 port; yield its URL; kill it on exit."""
+def serving(target: str, home: Path, cwd: Path, log: Path, host: str | None = "127.0.0.1"):
+    """Run `bentoml serve <target>` on a free 127.0.0.1 port; yield its URL; kill it on exit.
+
+    ``host=None`` passes no --host: the service's own default binding applies.
+    """
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", target,
-           "--host", "127.0.0.1", "--port", str(port)]
+    env.pop("BENTOML_HOST", None)
+    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", target, "--port", str(port)]
+    cmd += ["--host", host] if host else []
     with log.open("w") as out:
         # A session of its own: the teardown kills BentoML's worker processes with it.
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -219,3 +224,72 @@ def test_built_bento_serves_its_pinned_model_by_tag(server, packaged):
         resp = classify(url, {"texts": TEXTS[:2]})
     assert meta["model_tag"] == first["model_tag"]
     assert resp.status_code == 200 and len(resp.json()) == 2
+
+
+# --- security: body size and binding ----------------------------------------------------------
+
+
+def raw_request(url: str, head: str, body: bytes) -> bytes:
+    """Send a request head and (part of) a body over a plain socket; return the response's start."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        # Head and body of the answer may arrive in separate packets: read until the server
+        # closes (a 413 comes with `connection: close`), or 64 KiB.
+        while len(answer) < 65536:
+            try:
+                part = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not part:
+                break
+            answer += part
+        return answer
+
+
+def test_oversized_body_is_refused_before_it_is_read(server):
+    url, _ = server
+    # 50 MB announced, 1 KB sent: a 413 can only come from the headers, nothing was parsed.
+    head = ("POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {50 * 2**20}\r\n\r\n")
+    started = time.monotonic()
+    answer = raw_request(url, head, b'{"texts": ["' + b"x" * 1024)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"over this service's limit" in answer
+    assert time.monotonic() - started < 10
+    # Without a Content-Length (chunked), reading stops at the limit.
+    chunked = "POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n" % (4096, b"x" * 4096)
+    assert raw_request(url, chunked, chunk * 64).startswith(b"HTTP/1.1 413")
+    assert classify(url, {"texts": ["still serving"]}).status_code == 200
+
+
+def test_largest_valid_request_fits_under_the_body_limit(server):
+    url, _ = server
+    # Non-ASCII JSON is escaped: one emoji is 12 bytes ("\\ud83d\\ude00"), the worst case per char.
+    body = json.dumps({"texts": ["\U0001F600" * MAX_CHARS] * MAX_TEXTS, "all_scores": False})
+    assert len(body) > 12 * MAX_CHARS * MAX_TEXTS
+    resp = classify(url, body.encode())
+    assert resp.status_code == 200, resp.text[:300]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Hex local addresses of sockets listening on ``port`` (Linux /proc), e.g. 0100007F."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            addr, hex_port = fields[1].split(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(addr)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc/net/tcp")
+def test_service_binds_loopback_unless_told_otherwise(packaged):
+    params, home, _ = packaged
+    log = home.parent / "serve_default_host.log"
+    with serving("bento.service:Classifier", home, REPO, log, host=None) as url:
+        port = int(url.rsplit(":", 1)[1])
+        assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1 only, not 0.0.0.0

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from stages import lit, train
+from stages import lit, resume, train
 from stages.common import UserError
 from stages.params import Params, Train
 
@@ -38,7 +38,7 @@ def test_length_grouped_sampler_yields_each_index_once_and_groups_lengths():
 
     rng = random.Random(0)
     lengths = [rng.randint(3, 200) for _ in range(1000)]
-    sampler = lit.LengthGroupedSampler(lengths, batch_size=10, seed=1)
+    sampler = lit.EpochSampler(lengths, batch_size=10, seed=1)
     epochs = []
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -46,6 +46,9 @@ def test_length_grouped_sampler_yields_each_index_once_and_groups_lengths():
         assert sorted(order) == list(range(1000)) and len(sampler) == 1000
         epochs.append(order)
     assert epochs[0] != epochs[1]  # reshuffled every epoch
+    torch.rand(3)  # the global RNG does not decide the order: a resumed epoch replays it
+    sampler.set_epoch(0)
+    assert list(sampler) == epochs[0]
 
     def mean_spread(order):  # average (longest - shortest) inside consecutive batches of 10
         batches = [[lengths[i] for i in order[k : k + 10]] for k in range(0, 1000, 10)]
@@ -54,6 +57,81 @@ def test_length_grouped_sampler_yields_each_index_once_and_groups_lengths():
     shuffled = list(range(1000))
     rng.shuffle(shuffled)
     assert mean_spread(epochs[0]) < mean_spread(shuffled) / 5
+
+
+def test_plain_shuffle_is_also_fixed_by_seed_and_epoch():
+    sampler = lit.EpochSampler([5] * 50, batch_size=4, seed=3, group=False)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert sorted(first) == list(range(50)) and list(sampler) != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_resumable_loader_skips_the_batches_handed_out_before_the_checkpoint():
+    def loader():
+        return resume.ResumableLoader(list(range(10)), batch_size=3)  # 4 batches: 3, 3, 3, 1
+
+    first = loader()
+    batches = iter(first)
+    seen = [next(batches).tolist(), next(batches).tolist()]
+    state = first.state_dict()
+    assert state == {"batches_given": 2} and seen == [[0, 1, 2], [3, 4, 5]]
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == [[6, 7, 8], [9]]  # the rest of that epoch
+    assert len(list(resumed)) == 4  # the skip is used once: the next epoch is whole
+
+    whole = loader()
+    list(whole)  # a checkpoint at the epoch's end: nothing to skip in the next one
+    resumed.load_state_dict(whole.state_dict())
+    assert len(list(resumed)) == 4
+
+
+def test_resume_state_gives_back_the_loader_position_and_the_rng_states():
+    from types import SimpleNamespace
+
+    def trainer():
+        return SimpleNamespace(train_dataloader=resume.ResumableLoader(list(range(10)), batch_size=3))
+
+    keeper, before = resume.ResumeState(), trainer()
+    keeper.on_train_start(before, None)
+    batches = iter(before.train_dataloader)
+    next(batches)
+    torch.manual_seed(0)
+    state = keeper.state_dict()  # what a checkpoint taken now holds
+    expected_batch, expected_rng = next(batches).tolist(), torch.rand(4)
+
+    restored, after = resume.ResumeState(), trainer()
+    restored.load_state_dict(state)
+    batches = iter(after.train_dataloader)  # Lightning makes the iterator before the restore
+    restored.on_train_start(after, None)
+    torch.rand(7)  # whatever the restore itself draws
+    restored.on_train_batch_start(after, None, None, 0)
+    assert next(batches).tolist() == expected_batch  # [3, 4, 5]: the first batch is skipped
+    assert torch.equal(torch.rand(4), expected_rng)
+    now = torch.get_rng_state()
+    restored.on_train_batch_start(after, None, None, 1)  # once only
+    assert torch.equal(torch.get_rng_state(), now)
+
+
+def test_checkpoint_io_keeps_the_old_file_until_the_new_one_is_whole(tmp_path, monkeypatch):
+    from lightning.fabric.plugins.io import torch_io
+
+    path = tmp_path / "last.ckpt"
+    io = resume.AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, path)
+
+    def killed_while_writing(checkpoint, filepath):
+        with open(filepath, "wb") as f:
+            f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # stands in for SIGKILL
+
+    monkeypatch.setattr(torch_io, "_atomic_save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
 
 
 def test_pad_batch_pads_to_the_longest_row_and_drops_text():
@@ -101,10 +179,19 @@ def test_should_resume_only_unfinished_runs_or_more_epochs():
     assert not train.should_resume(capped, "fp", {"max_epochs": 5, "max_steps": -1})[0]
 
 
+def test_a_truncated_last_checkpoint_is_cleared_not_resumed(tmp_path, capsys):
+    budget = {"max_epochs": 3, "max_steps": -1}
+    (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04 cut off")
+    (tmp_path / train.STATE_FILE).write_text(json.dumps({"fingerprint": "fp", "finished": False}))
+    assert train.checkpoint_to_resume(tmp_path, "fp", budget) is None
+    assert "truncated" in capsys.readouterr().out and not (tmp_path / "last.ckpt").exists()
+
+
 def test_fingerprint_ignores_the_budget_but_not_the_learning_rate():
     base = Params()
     fp = train.fingerprint(base, "data", "code")
     assert train.fingerprint(_with_train(base, max_epochs=9), "data", "code") == fp
+    assert train.fingerprint(_with_train(base, checkpoint_every_n_steps=7), "data", "code") == fp
     assert train.fingerprint(_with_train(base, learning_rate=1e-3), "data", "code") != fp
     assert train.fingerprint(base, "other data", "code") != fp
 
@@ -199,6 +286,40 @@ def test_resume_continues_from_last_checkpoint_and_params_change_clears(prepared
     changed = train.main(_with_train(prepared_params, max_epochs=2, learning_rate=5e-4))
     assert "clearing" in capsys.readouterr().out
     assert changed["resumed_from_step"] == 0 and changed["steps"] == 4
+
+
+@pytest.mark.parametrize(("hook", "at_step"), [
+    ("training_step", 3),  # mid-epoch: step 3 is epoch 1's first batch, its last.ckpt mid-epoch
+    ("validation_step", 2),  # after epoch 0's last batch: that validation must still run
+])
+def test_a_crash_resumes_to_the_same_model_as_an_uninterrupted_run(
+        prepared_params, monkeypatch, capsys, hook, at_step):
+    p = prepared_params.paths
+    params = _with_train(prepared_params, checkpoint_every_n_steps=1)
+    train.main(params)
+    expected = [(p.model / "model.safetensors").read_bytes(),
+                _csv(p.train_plots / "loss.csv"), _csv(p.train_plots / "val.csv")]
+
+    real = getattr(lit.Classifier, hook)
+
+    def crash(self, batch, batch_idx):
+        if self.trainer.global_step == at_step and not self.trainer.sanity_checking:
+            raise RuntimeError("simulated crash")
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(lit.Classifier, hook, crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(params)  # its finished state is stale: it starts over, then crashes
+    monkeypatch.undo()
+    last = torch.load(p.checkpoints / "last.ckpt", weights_only=False)
+    # Checkpoints every step, but none at an epoch's last batch (step 2): step 1 holds before it.
+    assert last["global_step"] == {3: 3, 2: 1}[at_step]
+
+    resumed = train.main(params)
+    assert "resuming from" in capsys.readouterr().out
+    assert resumed["resumed_from_step"] == last["global_step"] and resumed["steps"] == 4
+    assert [(p.model / "model.safetensors").read_bytes(), _csv(p.train_plots / "loss.csv"),
+            _csv(p.train_plots / "val.csv")] == expected
 
 
 def test_max_steps_inside_the_first_epoch_still_saves_a_model(prepared_params):
