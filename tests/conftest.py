@@ -164,3 +164,16 @@ def write_trained_model(model_dir: Path, tiny_model_dir: Path, labels: list[str]
         "id2label": {str(i): name for i, name in enumerate(labels)},
         "label2id": {name: i for i, name in enumerate(labels)},
     })
+
+
+def stop_process_group(proc, timeout_s: float = 15) -> None:
+    """Stop a server started with start_new_session=True, with the workers it forked."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_rows
 from tests.test_experiments import dvc_ok, experiments, git, learning_rate, mlflow_client, wait_for_queue
-from tests.test_pipeline import copy_repo, dvc, set_params
+from tests.test_pipeline import dvc, tiny_repo
 
 WORKERS = 4  # processes racing the first writes; more than -j 2 so the window is surely hit
 QUEUE_TIMEOUT_S = 420  # two tiny experiments side by side: ~95 s on a busy 2-core machine
@@ -124,16 +123,7 @@ def test_gate_that_loses_the_race_to_create_the_registered_model_still_registers
 @pytest.fixture
 def baseline(tmp_path, tiny_model_dir) -> Path:
     """The tiny pipeline up to gate, committed on `main`, with an empty MLflow store."""
-    repo = copy_repo(tmp_path / "repo")
-    make_rows(n_per_class=12, seed=3).to_csv(repo / "data/tiny.csv", index=False)
-    set_params(
-        repo,
-        model={"source": str(tiny_model_dir)},
-        prepare={"max_length": 32},
-        data={"source": "data/tiny.csv", "split": {"validation": 0.25, "test": 0.25}},
-        train={"batch_size": 8, "max_epochs": 1, "learning_rate": 1e-3, "log_every_n_steps": 1},
-        gate={"floors": {"accuracy": {"min": 0.0}}},  # a tiny model on 36 rows: any score passes
-    )
+    repo = tiny_repo(tmp_path / "repo", tiny_model_dir)
     dvc_ok(repo, "repro", "gate")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "baseline")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_rows
-from tests.test_pipeline import copy_repo, dvc, set_params
+from tests.conftest import REPO
+from tests.test_pipeline import dvc, set_params, tiny_repo
 
 # Up to gate: every metrics file dvc.yaml declares exists; package is covered by test_pipeline.
 TARGET = "gate"
@@ -47,16 +47,7 @@ def dvc_ok(repo: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, tiny_model_dir) -> Path:
     """A tiny pipeline run up to TARGET, committed (dvc.lock, metrics, plots, params) on `main`."""
-    repo = copy_repo(tmp_path_factory.mktemp("baseline") / "repo")
-    make_rows(n_per_class=12, seed=3).to_csv(repo / "data/tiny.csv", index=False)
-    set_params(
-        repo,
-        model={"source": str(tiny_model_dir)},
-        prepare={"max_length": 32},
-        data={"source": "data/tiny.csv", "split": {"validation": 0.25, "test": 0.25}},
-        train={"batch_size": 8, "max_epochs": 1, "learning_rate": 1e-3, "log_every_n_steps": 1},
-        gate={"floors": {"accuracy": {"min": 0.0}}},  # a tiny model on 36 rows: any score passes
-    )
+    repo = tiny_repo(tmp_path_factory.mktemp("baseline") / "repo", tiny_model_dir)
     dvc_ok(repo, "repro", TARGET)
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "baseline")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 from stages import gate, tracking
 from stages.common import UserError, write_json
 from stages.params import Floor, parse_params
-from tests.conftest import tmp_paths, write_trained_model
+from tests.conftest import stop_process_group, tmp_paths, write_trained_model
 
 EVAL = {
     "accuracy": 0.8, "f1_macro": 0.75, "f1_weighted": 0.78, "n": 9, "loss": 0.6,
@@ -220,5 +219,4 @@ def test_registers_through_a_tracking_server(stage, tmp_path, monkeypatch):
         version = MlflowClient(uri).get_model_version("tiny-clf", "1")
         assert version.run_id == run_id and version.source.startswith("mlflow-artifacts:/")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
-        server.wait(timeout=30)
+        stop_process_group(server, timeout_s=30)  # the server and the workers it started

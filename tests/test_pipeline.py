@@ -52,6 +52,23 @@ def set_params(repo: Path, **sections: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def tiny_repo(dest: Path, tiny_model_dir: Path, n_per_class: int = 12, seed: int = 3,
+              **train) -> Path:
+    """A copy of the repo on tiny params: the tiny BERT, a make_rows CSV, a few steps, floors off."""
+    repo = copy_repo(dest)
+    make_rows(n_per_class=n_per_class, seed=seed).to_csv(repo / "data/tiny.csv", index=False)
+    set_params(
+        repo,
+        model={"source": str(tiny_model_dir)},
+        prepare={"max_length": 32},
+        data={"source": "data/tiny.csv", "split": {"validation": 0.25, "test": 0.25}},
+        train={"batch_size": 8, "max_epochs": 1, "learning_rate": 1e-3, "log_every_n_steps": 1,
+               **train},
+        gate={"floors": {"accuracy": {"min": 0.0}}},  # a tiny model on few rows: any score passes
+    )
+    return repo
+
+
 @pytest.fixture
 def repo(tmp_path, tiny_model_dir) -> Path:
     repo = copy_repo(tmp_path / "repo")
@@ -101,14 +118,8 @@ def test_repro_runs_the_data_stages_then_stops_on_bad_data(repo):
     assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"] == lock_before
 
 
-def test_full_repro_trains_evaluates_tracks_and_packages(repo, tmp_path):
-    make_rows(n_per_class=12, seed=3).to_csv(repo / "data/tiny.csv", index=False)
-    set_params(
-        repo,
-        data={"source": "data/tiny.csv", "split": {"validation": 0.25, "test": 0.25}},
-        train={"batch_size": 8, "max_epochs": 2, "learning_rate": 1e-3, "log_every_n_steps": 1},
-        gate={"floors": {"accuracy": {"min": 0.0}}},  # a tiny model on 36 rows: any score packages
-    )
+def test_full_repro_trains_evaluates_tracks_and_packages(tmp_path, tiny_model_dir):
+    repo = tiny_repo(tmp_path / "repo", tiny_model_dir, max_epochs=2)
     home = tmp_path / "bentoml"
     run = dvc(repo, "repro", BENTOML_HOME=str(home))
     assert run.returncode == 0, run.stderr[-3000:]

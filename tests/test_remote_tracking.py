@@ -7,7 +7,6 @@ must win, and every param, metric, tag, artifact and registry version must land 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from stages import evaluate, gate, lineage, train
 from stages.common import read_json, write_json
 from stages.params import Floor
+from tests.conftest import stop_process_group
 
 DATA_SHA = "5e" * 32
 STARTUP_TIMEOUT_S = 90  # ~12 s on an idle 2-core machine; shared CI machines are slower
@@ -79,12 +79,7 @@ def mlflow_server(tmp_path_factory):
         print(f"\nmlflow server healthy after {startup_s:.1f} s")
         yield url, root
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        stop_process_group(proc)
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_rows
-from tests.test_pipeline import copy_repo, dvc, set_params
+from tests.test_pipeline import dvc
+from tests.test_pipeline import tiny_repo as pipeline_tiny_repo
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +26,8 @@ STEPS = 2 * 15  # 2 epochs of 60 train rows in batches of 4
 
 def tiny_repo(dest: Path, tiny_model_dir: Path) -> Path:
     """A copy of the repo on the tiny model and 120 rows: 15 optimizer steps per epoch."""
-    repo = copy_repo(dest)
-    make_rows(n_per_class=40, seed=5).to_csv(repo / "data/tiny.csv", index=False)
-    set_params(
-        repo,
-        data={"source": "data/tiny.csv", "split": {"validation": 0.25, "test": 0.25}},
-        model={"source": str(tiny_model_dir)},
-        prepare={"max_length": 32},
-        train={"batch_size": 4, "max_epochs": 2, "learning_rate": 5e-3, "log_every_n_steps": 1,
-               "checkpoint_every_n_steps": EVERY},
-    )
-    return repo
+    return pipeline_tiny_repo(dest, tiny_model_dir, n_per_class=40, seed=5, batch_size=4,
+                              max_epochs=2, learning_rate=5e-3, checkpoint_every_n_steps=EVERY)
 
 
 def outcome(repo: Path) -> tuple[dict, bytes, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 from stages import package
 from stages.params import parse_params
-from tests.conftest import LABELS, REPO, bentoml_home, tmp_paths, write_trained_model
+from tests.conftest import LABELS, REPO, bentoml_home, stop_process_group, tmp_paths, write_trained_model
 from tests.test_package import RUN_ID, write_upstream
 
 httpx = pytest.importorskip("httpx")  # a BentoML dependency
@@ -77,12 +76,7 @@ def serving(target: str, home: Path, cwd: Path, log: Path, host: str | None = "1
         print(f"`bentoml serve {target}` ready in {time.monotonic() - started:.1f}s")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        stop_process_group(proc)
 
 
 def package_tiny(params, home: Path) -> dict:
