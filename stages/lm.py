@@ -1,0 +1,1 @@
+"""causal_lm model side (train, evaluate): building the model, LoRA, NLL, generation."""

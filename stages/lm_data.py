@@ -1,0 +1,1 @@
+"""causal_lm data side (prepare): BPE tokenizer training, packing, prompt masking."""
