@@ -21,11 +21,12 @@ request its own rows back. A direct ``self.predict_batch.local(...)`` call would
 ``/predict_batch`` is thus reachable too; it enforces the same limits.
 """
 
-import json
 from typing import Annotated
 
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field
+
+from bento.limits import BodyLimit, max_body_bytes
 
 
 class Args(BaseModel):
@@ -41,6 +42,9 @@ if MODEL.stored is None:
         f"model {ARGS.model} is not in the BentoML store ($BENTOML_HOME): run `dvc repro package`"
     )
 INFO = MODEL.stored.info.metadata
+if INFO.get("task", "classification") != "classification":  # models packaged before tasks: none
+    raise RuntimeError(f"model {ARGS.model} is a {INFO['task']} model: serve it with "
+                       "bento.generate:Generator")
 LIMITS = INFO["serve"]
 
 Text = Annotated[str, Field(max_length=LIMITS["max_chars"])]
@@ -65,54 +69,6 @@ def to_prediction(probs: list[float], labels: list[str], all_scores: bool) -> Pr
     best = max(range(len(probs)), key=probs.__getitem__)
     scores = dict(zip(labels, probs, strict=True)) if all_scores else None
     return Prediction(label=labels[best], score=probs[best], scores=scores)
-
-
-def max_body_bytes(limits: dict) -> int:
-    """The largest body a valid request can have: max_texts texts of max_chars characters, each at
-    worst 12 bytes of JSON (an escaped surrogate pair, "\\ud83d\\ude00"), plus keys and whitespace."""
-    return limits["max_texts"] * (12 * limits["max_chars"] + 64) + 4096
-
-
-class BodyLimit:
-    """ASGI middleware: a body over ``max_bytes`` gets 413 before anything parses it.
-
-    A declared Content-Length over the limit is refused without reading a byte; a body without one
-    (chunked) is read only up to the limit. Either way memory stays bounded.
-    """
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_bytes:
-            return await self.refuse(send, f"{declared.decode(errors='replace')} bytes")
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return None
-            chunks.append(message.get("body", b""))
-            size, more = size + len(chunks[-1]), message.get("more_body", False)
-            if size > self.max_bytes:
-                return await self.refuse(send, f"over {size} bytes")
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def receive_again():
-            return replay.pop() if replay else await receive()
-
-        return await self.app(scope, receive_again, send)
-
-    async def refuse(self, send, size: str) -> None:
-        body = json.dumps({"error": f"request body of {size} is over this service's limit of "
-                           f"{self.max_bytes} bytes (serve.max_texts texts of serve.max_chars "
-                           "characters)"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-                   (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
 
 # http.host: bind only the loopback interface unless the user passes --host / BENTOML_HOST.

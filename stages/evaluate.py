@@ -1,11 +1,12 @@
 """Stage evaluate: score the trained model on the test split and add the scores to train's MLflow run.
 
-    python -m stages.evaluate      # normally via `dvc repro evaluate`; reads `evaluate` and `paths`
+    python -m stages.evaluate      # normally via `dvc repro evaluate`; reads `task`, `evaluate`, `paths`
 
-Writes ``paths.eval_metrics`` (accuracy, F1, loss, per-class table), ``paths.eval_plots``
-(``confusion.csv``: one actual,predicted row per test example; ``per_class.csv``) and
-``paths.errors`` (the misclassified rows the model was surest about). Metrics come from our local
-`evaluate` modules (stages/metrics), so nothing is fetched from the hub.
+Classification (this module) writes ``paths.eval_metrics`` (accuracy, F1, loss, per-class table),
+``paths.eval_plots`` (``confusion.csv``: one actual,predicted row per test example;
+``per_class.csv``) and ``paths.eval_reports/misclassified.csv`` (the misclassified rows the model
+was surest about). causal_lm is stages/evaluate_lm.py. Metrics come from our local `evaluate`
+modules (stages/metrics), so nothing is fetched from the hub.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from stages.metrics import load_metric
 from stages.params import Params, load_params
 
 DIGITS = 6
+MISCLASSIFIED = "misclassified.csv"  # in paths.eval_reports
 
 
 def load_model(folder: Path):
@@ -146,11 +148,12 @@ def flat_metrics(metrics: dict, prefix: str = "test_") -> dict[str, float]:
     return flat
 
 
-def log_to_run(params: Params, metrics: dict, files: list[Path]) -> None:
+def log_to_run(params: Params, flat: dict[str, float], files: list[Path]) -> None:
+    """Add test metrics (already flat) and the written files to the run train started."""
     import mlflow
 
     with tracking.resume_run(params):
-        mlflow.log_metrics(flat_metrics(metrics))
+        mlflow.log_metrics(flat)
         for f in files:
             mlflow.log_artifact(str(f), artifact_path="evaluate")
 
@@ -167,10 +170,9 @@ def load_test_split(processed: Path) -> tuple[list[dict], list[str]]:
     return test.to_list(), labels
 
 
-def main(params: Params | None = None) -> dict:
-    params = params or load_params()
+def evaluate_classifier(params: Params) -> dict:
+    """Score the trained classifier on the test split; write and log the results."""
     paths = params.paths
-    tracking.run_id(paths.run_info)  # fail before the slow part when train never ran
     model, tokenizer = load_model(paths.model)
     rows, data_labels = load_test_split(paths.processed)
     labels = model_labels(model.config, data_labels, paths.model)
@@ -191,12 +193,22 @@ def main(params: Params | None = None) -> dict:
     probs = np.exp(log_softmax(logits))
     errors = worst_errors([r["text"] for r in rows], refs, probs, labels,
                           params.evaluate.worst_examples)
-    paths.errors.parent.mkdir(parents=True, exist_ok=True)
-    errors.to_csv(paths.errors, index=False)
-    log_to_run(params, metrics, [*written, paths.errors])
+    paths.eval_reports.mkdir(parents=True, exist_ok=True)
+    errors.to_csv(paths.eval_reports / MISCLASSIFIED, index=False)
+    log_to_run(params, flat_metrics(metrics), [*written, paths.eval_reports / MISCLASSIFIED])
     print(f"evaluate: accuracy {metrics['accuracy']}, f1_macro {metrics['f1_macro']}, "
           f"{len(errors)} errors listed -> {paths.eval_metrics}")
     return metrics
+
+
+def main(params: Params | None = None) -> dict:
+    params = params or load_params()
+    tracking.run_id(params.paths.run_info)  # fail before the slow part when train never ran
+    if params.task == "causal_lm":
+        from stages import evaluate_lm
+
+        return evaluate_lm.evaluate(params)
+    return evaluate_classifier(params)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ from stages.tracking import REDACTED, lineage_tags, redact_uri
 # The params sections that shape the model (what train logs to MLflow); `paths`, `serve`, ... do not.
 MODEL_SECTIONS = ("task", "data", "model", "prepare", "train")
 CHECKED = ("mlflow_run_id", "data_sha256", "params_sha256")  # model labels compared to the workspace
+# Test metrics (keys of paths.eval_metrics) that label a packaged model and show here, per task;
+# a causal LM on pairs adds the generation scores when evaluate wrote them.
+TEST_METRICS = {"classification": ("accuracy", "f1_macro"), "causal_lm": ("perplexity",)}
+PAIR_TEST_METRICS = ("bleu", "rougeL")
 
 
 def params_hash(params: Params) -> str:
@@ -78,8 +82,8 @@ def unreachable(uri: str) -> str | None:
     return None
 
 
-def mlflow_facts(run_info: dict, default_uri: str) -> dict:
-    """The run id and store from run.json, plus the run's status, test accuracy and lineage tags."""
+def mlflow_facts(run_info: dict, default_uri: str, task: str = "classification") -> dict:
+    """The run id and store from run.json, plus the run's status, test metrics and lineage tags."""
     shown = run_info.get("tracking_uri") or default_uri  # where train logged, not where we'd log now
     # run.json holds the URI with its password redacted: connect with the configured one when it
     # is the same store.
@@ -96,7 +100,7 @@ def mlflow_facts(run_info: dict, default_uri: str) -> dict:
         return facts | {"status": f"not found ({str(err).splitlines()[0][:200]})"}
     return facts | {
         "status": run.info.status,
-        "test_accuracy": run.data.metrics.get("test_accuracy"),
+        **{f"test_{k}": run.data.metrics.get(f"test_{k}") for k in TEST_METRICS[task]},
         "data_sha256": run.data.tags.get("data.sha256"),
         "git_commit": run.data.tags.get("git.commit"),
     }
@@ -139,12 +143,14 @@ def collect(params: Params) -> dict:
     bento_info = read_optional(paths.bento_info)
     git = lineage_tags("")
     report = {
-        "workspace": {"git_commit": git["git.commit"], "git_branch": git["git.branch"],
+        "workspace": {"task": params.task, "git_commit": git["git.commit"],
+                      "git_branch": git["git.branch"],
                       "git_dirty": git["git.dirty"] == "true", "params_sha256": params_hash(params)},
         "data": {"sha256": manifest.get("source_sha256")} if manifest else not_produced("ingest"),
         "validation": validation_verdict(validation) if validation else not_produced("validate"),
         "gate": gate_verdict(gate) if gate else not_produced("gate"),
-        "mlflow": mlflow_facts(run_info, params.tracking.uri) if run_info else not_produced("train"),
+        "mlflow": (mlflow_facts(run_info, params.tracking.uri, params.task) if run_info
+                   else not_produced("train")),
         "bento": store_facts(bento_info) if bento_info else not_produced("package"),
     }
     mine = {"mlflow_run_id": (run_info or {}).get("run_id"),

@@ -20,8 +20,6 @@ from torch.utils.data import DataLoader, Sampler
 from stages.params import Train
 from stages.resume import ResumableLoader
 
-VAL_METRICS = ("val_loss", "val_accuracy", "val_f1_macro")
-
 
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list:
     """Shuffle, then sort by length (longest first) inside mega-batches of ``mega`` batches.
@@ -62,12 +60,23 @@ class EpochSampler(Sampler[int]):
 
 
 def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad each row's token lists to the longest row of this batch; labels stay a vector."""
+    """Right-pad each row's token lists to the longest row of this batch.
+
+    Class labels stay a vector; per-token labels (causal_lm) pad with -100 (no loss). A missing
+    attention_mask is built: 1 on the row's tokens, 0 on padding.
+    """
     width = max(len(r["input_ids"]) for r in rows)
-    batch = {"labels": torch.tensor([r["labels"] for r in rows])}
+
+    def pad(key: str, fill: int) -> torch.Tensor:
+        return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])  # (B, T)
+
+    per_token = isinstance(rows[0]["labels"], list)
+    batch = {"labels": pad("labels", -100) if per_token else torch.tensor([r["labels"] for r in rows])}
     for key in rows[0].keys() - {"labels", "text"}:
-        fill = pad_id if key == "input_ids" else 0  # attention_mask / token_type_ids pad with 0
-        batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])  # B, T
+        batch[key] = pad(key, pad_id if key == "input_ids" else 0)  # attention_mask etc. pad with 0
+    if "attention_mask" not in batch:
+        lengths = torch.tensor([len(r["input_ids"]) for r in rows])
+        batch["attention_mask"] = (torch.arange(width) < lengths[:, None]).long()  # (B, T)
     return batch
 
 
@@ -88,7 +97,11 @@ class TextData(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         from datasets import load_from_disk
 
-        self.splits = load_from_disk(str(self.folder)).remove_columns("text")
+        splits = load_from_disk(str(self.folder))
+        # Raw strings (classification's text, causal_lm pairs' prompt/response) are for evaluate.
+        strings = [name for name, f in splits["train"].features.items()
+                   if getattr(f, "dtype", None) in ("string", "large_string")]
+        self.splits = splits.remove_columns(strings)
 
     def _loader(self, split: str, batch_size: int, sampler, cls=DataLoader) -> DataLoader:
         n = self.cfg.num_workers
@@ -131,6 +144,13 @@ def make_scheduler(optimizer, cfg: Train, total_steps: int):
     return make(optimizer, warmup, total_steps)
 
 
+def adamw_config(model: torch.nn.Module, cfg: Train, total_steps: int) -> dict:
+    """configure_optimizers' answer: AdamW on the trainable weights, the schedule stepped per step."""
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+    sched = make_scheduler(opt, cfg, total_steps)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class Classifier(L.LightningModule):
     """A thin wrapper: the Hugging Face model computes the loss; metrics cover the whole val set."""
 
@@ -162,20 +182,25 @@ class Classifier(L.LightningModule):
         self.log_dict({"val_loss": self.val_loss, "val_accuracy": self.val_accuracy,
                        "val_f1_macro": self.val_f1_macro}, on_epoch=True, batch_size=len(labels))
 
-    def configure_optimizers(self):
-        groups = param_groups(self.model, self.cfg.weight_decay)
-        opt = torch.optim.AdamW(groups, lr=self.cfg.learning_rate)
-        sched = make_scheduler(opt, self.cfg, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def configure_optimizers(self) -> dict:
+        return adamw_config(self.model, self.cfg, int(self.trainer.estimated_stepping_batches))
 
 
 class Curves(L.Callback):
-    """Loss per optimizer step and val metrics per epoch; checkpoints carry them across resumes."""
+    """Loss per optimizer step and ``metrics`` (the task's val metrics) per epoch; checkpoints carry
+    them across resumes. Also counts this run's training samples, tokens and seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: tuple[str, ...]) -> None:
+        self.metrics = metrics
         self.loss_rows: list[list] = []  # [step, train_loss]; the loss stays a tensor until written
-        self.val_rows: list[list[float]] = []  # [epoch, val_loss, val_accuracy, val_f1_macro]
+        self.val_rows: list[list[float]] = []  # [epoch, *metrics]
         self.start_step, self.samples, self.seconds, self._pending, self._t0 = 0, 0, 0.0, [], 0.0
+        self._tokens: int | torch.Tensor = 0  # a device tensor while training: no sync per step
+
+    @property
+    def tokens(self) -> int:
+        """Non-padding tokens trained on in this run (the attention masks' sum)."""
+        return int(self._tokens)
 
     def on_train_start(self, trainer, module) -> None:
         self.start_step = trainer.global_step  # > 0 when resumed
@@ -186,6 +211,7 @@ class Curves(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.seconds += time.perf_counter() - self._t0
         self.samples += len(batch["labels"])
+        self._tokens = self._tokens + batch["attention_mask"].sum()
         # Divided by accumulate_grad_batches already: summed over a step it is the step's mean.
         # Kept on the device: a float() here would stall the GPU every step.
         self._pending.append(outputs["loss"])
@@ -197,7 +223,7 @@ class Curves(L.Callback):
     def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking:
             m = trainer.callback_metrics
-            self.val_rows.append([trainer.current_epoch, *(float(m[k]) for k in VAL_METRICS)])
+            self.val_rows.append([trainer.current_epoch, *(float(m[k]) for k in self.metrics)])
 
     def state_dict(self) -> dict:
         self.loss_rows = [[step, float(loss)] for step, loss in self.loss_rows]
@@ -208,10 +234,10 @@ class Curves(L.Callback):
 
 
 def write_curves(curves: Curves, folder: Path) -> list[Path]:
-    """The DVC plots: loss.csv (step, train_loss) and val.csv (epoch and the three val metrics)."""
+    """The DVC plots: loss.csv (step, train_loss) and val.csv (epoch and the task's val metrics)."""
     folder.mkdir(parents=True, exist_ok=True)
     tables = {"loss.csv": (["step", "train_loss"], curves.state_dict()["loss_rows"]),
-              "val.csv": (["epoch", *VAL_METRICS], curves.val_rows)}
+              "val.csv": (["epoch", *curves.metrics], curves.val_rows)}
     for name, (header, rows) in tables.items():
         with (folder / name).open("w", newline="") as f:
             csv.writer(f).writerows([header, *rows])

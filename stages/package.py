@@ -4,8 +4,11 @@
 
 The store is BentoML's own (``$BENTOML_HOME``, default ``~/bentoml``). The model entry carries its
 lineage as labels (MLflow run, git commit, data hash, params hash, validation verdict, test metrics)
-and, in its metadata, the serving limits of ``params.serve`` and the truncation length of
-``params.prepare``: a Bento holds no params.yaml, so bento/service.py reads them from there.
+and, in its metadata, what the service needs and a Bento cannot read from params.yaml: the task, the
+serving limits of ``params.serve``, and per task the classes and truncation length
+(classification, bento/service.py) or the prompt format, template and context length (causal_lm,
+bento/generate.py). The Bento's service follows the task: the bentofile's (bento.service:Classifier)
+for classification, bento.generate:Generator for causal_lm.
 Writes ``paths.bento_info``: the Bento tag, the model tag and the lineage, for
 `bentoml serve <bento_tag>`, `lmforge lineage` and deployment scripts.
 """
@@ -14,22 +17,36 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
+import yaml
+
 from stages.common import UserError, read_json, require_safetensors, run_main, write_json
-from stages.lineage import params_hash
+from stages.lineage import PAIR_TEST_METRICS, TEST_METRICS, params_hash
 from stages.params import Params, load_params
 from stages.tracking import lineage_tags, redact_uri
+
+# The causal_lm Bento: the bentofile's recipe with another service (and description).
+LM_BENTO = {"service": "bento.generate:Generator",
+            "description": "lmforge causal LM: POST /generate, POST /generate_stream, POST /metadata"}
+# config.json keys holding a causal LM's positions, across architectures (GPT-2: n_positions).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+def require_model_folder(model_dir: Path, files: tuple[str, ...]) -> None:
+    """Refuse a train output that lacks ``files`` or safetensors weights, naming what is missing."""
+    if not model_dir.is_dir():
+        raise UserError(f"model folder {model_dir} not found: run `dvc repro train` first")
+    missing = [f for f in files if not (model_dir / f).exists()]
+    if missing:
+        raise UserError(f"model folder {model_dir} lacks {missing}: rerun `dvc repro train`")
+    require_safetensors(model_dir)  # the services load safetensors only: refuse before building
 
 
 def model_label_names(model_dir: Path) -> list[str]:
     """The class names in id order, after checking the folder is a complete train output."""
-    if not model_dir.is_dir():
-        raise UserError(f"model folder {model_dir} not found: run `dvc repro train` first")
-    missing = [f for f in ("config.json", "labels.json") if not (model_dir / f).exists()]
-    if missing:
-        raise UserError(f"model folder {model_dir} lacks {missing}: rerun `dvc repro train`")
-    require_safetensors(model_dir)  # the service loads safetensors only: refuse before building
+    require_model_folder(model_dir, ("config.json", "labels.json"))
     id2label = json.loads((model_dir / "labels.json").read_text())["id2label"]
     config_labels = json.loads((model_dir / "config.json").read_text()).get("id2label", {})
     # The service names classes from config.json; labels.json is what the data stages used.
@@ -41,20 +58,48 @@ def model_label_names(model_dir: Path) -> list[str]:
     return [id2label[str(i)] for i in range(len(id2label))]
 
 
+def lm_settings(model_dir: Path) -> dict:
+    """Prompt format, template and context length of a complete causal LM train output."""
+    require_model_folder(model_dir, ("config.json", "lm.json"))
+    lm = json.loads((model_dir / "lm.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    fmt, template = lm.get("format"), lm.get("template")
+    if fmt not in ("text", "pairs") or (fmt == "pairs") != isinstance(template, str):
+        raise UserError(f"{model_dir / 'lm.json'}: needs format text (template null) or pairs "
+                        f"(with a template), got {fmt!r}: rerun `dvc repro train`")
+    context = next((config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
+    if context is None:  # no position limit (e.g. a recurrent model): keep to the trained length
+        context = lm["max_length"] if fmt == "pairs" else lm["block_size"]
+    # BentoML metadata holds no None: a plain-text model's unused template is "".
+    return {"format": fmt, "template": template or "", "context": context}
+
+
+def model_facts(task: str, model_dir: Path) -> dict:
+    """What the service learns from the train output (classes, or prompt format and context),
+    after checking the folder is complete for ``task``."""
+    if task == "causal_lm":
+        return lm_settings(model_dir)
+    return {"labels": model_label_names(model_dir)}
+
+
 def lineage(
-    run_info: dict, manifest: dict, metrics: dict, validation: dict, params_sha256: str
+    run_info: dict, manifest: dict, metrics: dict, validation: dict, params_sha256: str,
+    task: str = "classification",
 ) -> dict[str, str]:
     """Where the model comes from: run, code, data, params, and how it scored on the test split.
 
     ``params_sha256`` is stages.lineage.params_hash, so `lmforge lineage` can match the store's
-    model against the workspace's params.yaml.
+    model against the workspace's params.yaml. The test metrics are TEST_METRICS[task], plus BLEU
+    and ROUGE-L for a causal LM on pairs.
     """
-    missing = [k for k in ("accuracy", "f1_macro") if k not in metrics]
+    required = TEST_METRICS[task]
+    missing = [k for k in required if k not in metrics]
     if missing:
         raise UserError(f"eval metrics lack {missing}: rerun `dvc repro evaluate`")
     if not isinstance(validation.get("success"), bool):
         raise UserError("the validation verdict lacks 'success': rerun `dvc repro validate`")
     git = lineage_tags(manifest["source_sha256"])
+    extra = tuple(k for k in PAIR_TEST_METRICS if task == "causal_lm" and k in metrics)
     return {
         "mlflow_run_id": run_info["run_id"],
         "mlflow_experiment_id": str(run_info.get("experiment_id", "")),
@@ -63,16 +108,21 @@ def lineage(
         "data_sha256": manifest["source_sha256"],
         "params_sha256": params_sha256,
         "validation_passed": str(validation["success"]).lower(),  # labels are strings
-        "test_accuracy": f"{metrics['accuracy']:.4f}",
-        "test_f1_macro": f"{metrics['f1_macro']:.4f}",
+        **{f"test_{k}": f"{metrics[k]:.4f}" for k in required + extra},
     }
 
 
-def serve_metadata(params: Params, labels: list[str], run_info: dict) -> dict:
-    """What the service needs at start-up and cannot read from params.yaml inside a Bento."""
+def serve_metadata(params: Params, facts: dict, run_info: dict) -> dict:
+    """What the service needs at start-up and cannot read from params.yaml inside a Bento.
+
+    ``facts``: model_facts of the train output.
+    """
+    # classification truncates as in training; causal_lm cuts prompts to the context instead.
+    trained = {"max_length": params.prepare.max_length} if params.task == "classification" else {}
     return {
-        "labels": labels,
-        "max_length": params.prepare.max_length,  # truncate as in training
+        "task": params.task,
+        **facts,
+        **trained,
         "serve": params.serve.model_dump(),
         # run.json from before redaction existed may still hold a password.
         "mlflow_tracking_uri": redact_uri(run_info.get("tracking_uri", "")),
@@ -88,34 +138,46 @@ def save_model(name: str, model_dir: Path, labels: dict[str, str], metadata: dic
     return str(model.tag)
 
 
-def build_bento(bentofile: Path, model_tag: str, labels: dict[str, str]) -> str:
-    """Build the Bento from the bentofile, the cwd (repo root) as build context; return its tag."""
+def build_bento(
+    bentofile: Path, model_tag: str, labels: dict[str, str], overrides: dict | None = None
+) -> str:
+    """Build the Bento from the bentofile, the cwd (repo root) as build context; return its tag.
+
+    ``overrides``: bentofile keys replaced for this build (LM_BENTO for a causal LM).
+    """
     import bentoml
 
     if not bentofile.exists():
         raise UserError(f"package.bentofile {bentofile} not found (run from the repo root)")
-    # The exact model tag travels as a Bento argument, stored in the Bento, so the Bento serves
-    # this model version even after newer ones reach the store.
-    bento = bentoml.bentos.build_bentofile(
-        str(bentofile), build_ctx=".", labels=labels, args={"model": model_tag}, reload=True
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if overrides:  # build_bentofile ignores its service= when given a bentofile: edit a copy
+            recipe = {**yaml.safe_load(bentofile.read_text()), **overrides}
+            bentofile = Path(tmp) / "bentofile.yaml"
+            bentofile.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        # The exact model tag travels as a Bento argument, stored in the Bento, so the Bento
+        # serves this model version even after newer ones reach the store.
+        bento = bentoml.bentos.build_bentofile(
+            str(bentofile), build_ctx=".", labels=labels, args={"model": model_tag}, reload=True
+        )
     return str(bento.tag)
 
 
 def main(params: Params | None = None) -> dict:
     params = params or load_params()
     paths = params.paths
-    labels = model_label_names(paths.model)
+    facts = model_facts(params.task, paths.model)
     run_info = read_json(paths.run_info, "run `dvc repro train` first")
     manifest = read_json(paths.manifest, "run `dvc repro ingest` first")
     metrics = read_json(paths.eval_metrics, "run `dvc repro evaluate` first")
     validation = read_json(paths.validation, "run `dvc repro validate` first")
-    tags = lineage(run_info, manifest, metrics, validation, params_hash(params))
+    tags = lineage(run_info, manifest, metrics, validation, params_hash(params), params.task)
 
     model_tag = save_model(
-        params.package.model_name, paths.model, tags, serve_metadata(params, labels, run_info)
+        params.package.model_name, paths.model, tags, serve_metadata(params, facts, run_info)
     )
-    bento_tag = build_bento(params.package.bentofile, model_tag, {**tags, "model": model_tag})
+    overrides = LM_BENTO if params.task == "causal_lm" else None
+    bento_tag = build_bento(params.package.bentofile, model_tag, {**tags, "model": model_tag},
+                            overrides)
     info = {
         "bento_tag": bento_tag,
         "model_tag": model_tag,

@@ -528,10 +528,14 @@ def task_problems(p: Params) -> list[str]:
         problems.append("model.lora: adapters are for a pretrained model; from scratch every weight "
                         "trains (set model.lora: null)")
     if task == "causal_lm" and p.model.source == SCRATCH:
-        longest = max(p.prepare.block_size, p.prepare.max_length)
-        if p.model.scratch.context < longest:
+        key = "max_length" if p.data.pairs else "block_size"  # the longest training row
+        if p.model.scratch.context < getattr(p.prepare, key):
             problems.append(f"model.scratch.context: {p.model.scratch.context} is shorter than "
-                            f"prepare.block_size/max_length ({longest})")
+                            f"prepare.{key} ({getattr(p.prepare, key)})")
+        new_tokens = p.evaluate.generation.max_new_tokens
+        if p.model.scratch.context <= new_tokens:  # else evaluate fails, after training
+            problems.append(f"evaluate.generation.max_new_tokens: {new_tokens} leaves no room for "
+                            f"a prompt in model.scratch.context ({p.model.scratch.context})")
     es = p.train.early_stopping
     if es is not None and es.monitor not in TASK_MONITORS[task]:
         problems.append(f"train.early_stopping.monitor: '{es.monitor}' is not computed for task "

@@ -4,7 +4,10 @@
 
 Padding happens later, per batch, so short batches stay short. Writes under ``paths.processed``:
 ``datasets/`` (a DatasetDict on disk), ``tokenizer/``, ``labels.json`` (id <-> name) and
-``stats.json`` (token lengths, truncated rows).
+``stats.json`` (token lengths, truncated rows). Task causal_lm (see stages/lm_data.py) writes
+``lm.json`` instead of ``labels.json``: plain text packed into ``prepare.block_size`` blocks, or
+prompt/response rows with the prompt masked out of the loss; from scratch, the tokenizer is a
+byte-level BPE trained on the train split.
 """
 
 from __future__ import annotations
@@ -75,11 +78,39 @@ def require_validated(path: Path) -> None:
         raise UserError(f"{path}: the data failed validation; fix it before preparing (see report)")
 
 
+def fresh(out: Path) -> Path:
+    if out.exists():
+        shutil.rmtree(out)
+    return out
+
+
+def prepare_lm(params: Params, frames: dict[str, pd.DataFrame]) -> dict:
+    """causal_lm: tokenizer, packed or masked rows per split, lm.json and stats.json."""
+    import datasets
+
+    from stages import lm_data
+
+    datasets.disable_progress_bars()
+    tokenizer = lm_data.lm_tokenizer(params, frames["train"])
+    splits, stats = {}, {}
+    for split, df in frames.items():
+        splits[split], stats[split] = lm_data.encode_split(df, tokenizer, params, split)
+    out = fresh(params.paths.processed)
+    datasets.DatasetDict(splits).save_to_disk(str(out / "datasets"))
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    write_json(out / "lm.json", lm_data.lm_info(params, tokenizer))
+    write_json(out / "stats.json", stats)
+    print(f"prepare: {stats} -> {out}")
+    return stats
+
+
 def main(params: Params | None = None) -> dict:
     params = params or load_params()
     data, paths = params.data, params.paths
     require_validated(paths.validation)
     frames = {s: pd.read_parquet(paths.interim / f"{s}.parquet") for s in SPLITS}
+    if params.task == "causal_lm":
+        return prepare_lm(params, frames)
     labels = label_set(frames["train"][data.label_column], data.labels)
     mapping = label_mapping(labels)
     tokenizer = load_tokenizer(resolve_model_source(params.model.source),
@@ -99,9 +130,7 @@ def main(params: Params | None = None) -> dict:
         )
         stats[split] = length_stats(splits[split], params.prepare.max_length)
 
-    out = paths.processed
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh(paths.processed)
     datasets.DatasetDict(splits).save_to_disk(str(out / "datasets"))
     tokenizer.save_pretrained(str(out / "tokenizer"))
     write_json(out / "labels.json", mapping)

@@ -93,7 +93,8 @@ class StepCheckpoint(ModelCheckpoint):
     def __init__(self, folder: Path, every_n_steps: int) -> None:
         # No monitor (val metrics would be an epoch stale) and no top-k: only last.ckpt.
         super().__init__(dirpath=folder, save_last=True, save_top_k=0,
-                         every_n_train_steps=every_n_steps)
+                         every_n_train_steps=every_n_steps,
+                         enable_version_counter=False)  # overwrite the epoch-end last.ckpt
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:

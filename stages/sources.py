@@ -1,10 +1,12 @@
 """Reading a data source: files, split folders, hub datasets, and the ways each can be unreadable.
 
-Used by stages/ingest.py; every failure is a UserError naming the file and what to do.
+Used by stages/ingest.py; every failure is a UserError naming the file and what to do. Plain-text
+(.txt) files are read only for task causal_lm: a classifier needs a label for every text.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +15,7 @@ from stages.common import SPLITS, UserError
 from stages.params import Data
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+TEXT_SUFFIX = ".txt"
 HF_PREFIX = "hf:"
 
 
@@ -86,18 +89,66 @@ def not_utf8(path: Path) -> UserError:
         )
 
 
-def find_split_files(folder: Path) -> dict[str, Path]:
+def split_text(text: str, unit: str) -> list[str]:
+    """A .txt file's rows: blank-line-separated documents (their inner line breaks kept) or lines.
+
+    Blank lines only separate rows: they never become rows themselves.
+    """
+    pieces = re.split(r"\n[ \t]*\n", text) if unit == "document" else text.split("\n")
+    return [p.strip("\n") for p in pieces if p.strip()]
+
+
+def read_text(path: Path, column: str, unit: str) -> pd.DataFrame:
+    """Read a UTF-8 .txt file into one text column, one row per document or line (data.text_unit)."""
+    raw = path.read_bytes()
+    if not raw:
+        raise UserError(f"{path}: the file is empty")
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM is an encoding mark, not text
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    rows = split_text(text.replace("\r\n", "\n").replace("\r", "\n"), unit)
+    if not rows:
+        raise UserError(f"{path}: the file holds only whitespace")
+    df = pd.DataFrame({column: pd.Series(rows, dtype="string")})
+    df.attrs["path"] = str(path)
+    return df
+
+
+def read_file(path: Path, data: Data, task: str) -> pd.DataFrame:
+    """One source file: a table, or for task causal_lm also plain text (.txt)."""
+    if path.suffix.lower() != TEXT_SUFFIX:
+        return read_table(path)
+    if task != "causal_lm":
+        raise UserError(
+            f"{path}: unsupported format '{TEXT_SUFFIX}' for task {task}: plain text has no labels; "
+            f"use {', '.join(FORMATS)} with text and label columns, or set task: causal_lm"
+        )
+    if data.pairs:
+        raise UserError(
+            f"{path}: a .txt file holds plain text, but data.prompt_column/response_column ask for "
+            "pairs: use a table (.csv/.jsonl/.parquet) with both columns, or set both to null"
+        )
+    return read_text(path, data.text_column, data.text_unit)
+
+
+def source_suffixes(task: str) -> tuple[str, ...]:
+    return (*FORMATS, TEXT_SUFFIX) if task == "causal_lm" else tuple(FORMATS)
+
+
+def find_split_files(folder: Path, suffixes: tuple[str, ...] = tuple(FORMATS)) -> dict[str, Path]:
     """Map split name -> file for a folder source; train is required, the others optional."""
     found: dict[str, Path] = {}
     for split in SPLITS:
-        matches = [p for p in sorted(folder.glob(f"{split}.*")) if p.suffix.lower() in FORMATS]
+        matches = [p for p in sorted(folder.glob(f"{split}.*")) if p.suffix.lower() in suffixes]
         if len(matches) > 1:
             raise UserError(f"{folder}: several files for split '{split}': {[p.name for p in matches]}")
         if matches:
             found[split] = matches[0]
     if "train" not in found:
         names = sorted(p.name for p in folder.iterdir())
-        raise UserError(f"{folder}: no train.csv/.jsonl/.parquet file (found: {names})")
+        kinds = "/".join(s for s in suffixes if s != ".json")
+        raise UserError(f"{folder}: no train{kinds} file (found: {names})")
     return found
 
 
@@ -117,13 +168,17 @@ def load_hub_dataset(dataset_id: str) -> dict[str, pd.DataFrame]:
     return {renamed.get(name, name): ds.to_pandas() for name, ds in dd.items()}
 
 
-def load_source(data: Data) -> dict[str, pd.DataFrame]:
-    """Read the source into tables keyed by split name (``source`` for a single, unsplit file)."""
+def load_source(data: Data, task: str = "classification") -> dict[str, pd.DataFrame]:
+    """Read the source into tables keyed by split name (``source`` for a single, unsplit file).
+
+    A table read from a file carries its path in ``df.attrs["path"]``.
+    """
     if data.source.startswith(HF_PREFIX):
         return load_hub_dataset(data.source.removeprefix(HF_PREFIX))
     path = Path(data.source)
     if not path.exists():
         raise UserError(f"data.source '{path}' does not exist")
     if path.is_dir():
-        return {split: read_table(p) for split, p in find_split_files(path).items()}
-    return {"source": read_table(path)}
+        files = find_split_files(path, source_suffixes(task))
+        return {split: read_file(p, data, task) for split, p in files.items()}
+    return {"source": read_file(path, data, task)}

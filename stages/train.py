@@ -1,10 +1,12 @@
-"""Stage train: fine-tune the sequence classifier with Lightning, tracked in one MLflow run.
+"""Stage train: fine-tune the sequence classifier, or train the causal LM (from scratch, fully or
+with LoRA adapters), with Lightning, tracked in one MLflow run.
 
-    python -m stages.train     # normally via `dvc repro train`; reads `model`, `prepare`, `train`
+    python -m stages.train     # normally via `dvc repro train`; reads `task`, `model`, `prepare`, `train`
 
-Reads ``paths.processed`` (tokenized splits, tokenizer, labels.json). Writes ``paths.model`` (best
-weights, tokenizer, labels.json), ``paths.run_info`` (the MLflow run evaluate reopens),
-``paths.train_metrics`` and the curves ``loss.csv`` / ``val.csv`` in ``paths.train_plots``.
+Reads ``paths.processed`` (tokenized splits, tokenizer, and labels.json or lm.json). Writes
+``paths.model`` (best weights with LoRA merged, tokenizer, labels.json or lm.json),
+``paths.run_info`` (the MLflow run evaluate reopens), ``paths.train_metrics`` and the curves
+``loss.csv`` / ``val.csv`` in ``paths.train_plots``.
 Checkpoints in ``paths.checkpoints`` outlive a run (DVC ``persist``): a run with the same params,
 data and code resumes from ``last.ckpt``; anything else clears the folder and starts fresh.
 """
@@ -24,8 +26,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from stages import lm
 from stages.common import (
-    UserError,
     load_tokenizer,
     read_json,
     remote_code,
@@ -34,8 +36,8 @@ from stages.common import (
     sha256_of,
     write_json,
 )
-from stages.lit import VAL_METRICS, Classifier, Curves, TextData, write_curves
-from stages.params import Params, Train, load_params, require_hardware
+from stages.lit import Classifier, Curves, TextData, write_curves
+from stages.params import TASK_MONITORS, Params, Train, load_params, require_hardware
 from stages.resume import AtomicCheckpointIO, ResumeState, StepCheckpoint
 
 # Train knobs that may change between an interrupted run and its resumption: the budget (raise
@@ -44,6 +46,8 @@ from stages.resume import AtomicCheckpointIO, ResumeState, StepCheckpoint
 RESUME_FREE = {"max_epochs", "max_steps", "accelerator", "devices", "strategy", "num_workers",
                "log_every_n_steps", "eval_batch_size", "checkpoint_every_n_steps"}
 STATE_FILE = "train_state.json"  # beside last.ckpt: what made it, and whether that run finished
+# What prepare writes beside the splits for each task, and train copies beside the model.
+META_FILE = {"classification": "labels.json", "causal_lm": "lm.json"}
 
 
 def resolve_precision(precision: str, accelerator: str, cuda: bool, bf16: bool) -> str:
@@ -54,8 +58,8 @@ def resolve_precision(precision: str, accelerator: str, cuda: bool, bf16: bool) 
 
 
 def fingerprint(params: Params, data_digest: str, code_digest: str) -> str:
-    """What a checkpoint depends on: model, tokenizing, train knobs but RESUME_FREE, data, code."""
-    blob = {"model": params.model.model_dump(mode="json"),
+    """What a checkpoint depends on: task, model, tokenizing, train knobs but RESUME_FREE, data, code."""
+    blob = {"task": params.task, "model": params.model.model_dump(mode="json"),
             "prepare": params.prepare.model_dump(mode="json"),
             "train": params.train.model_dump(mode="json", exclude=RESUME_FREE),
             "data": data_digest, "code": code_digest}
@@ -115,10 +119,16 @@ def load_model(source: str, mapping: dict, trust_remote_code: bool = False):
             trust_remote_code=remote_code(trust_remote_code),
             dtype=torch.float32)  # mixed precision casts; never train in a half-precision copy
     except (OSError, ValueError) as err:
-        hint = (" (it ships its own code: set model.trust_remote_code: true only for a source you "
-                "trust)" if "trust_remote_code" in str(err) else "")
-        raise UserError(f"model.source '{source}': cannot load a classification model from it: "
-                        f"{str(err).splitlines()[0]}{hint}") from None
+        raise lm.cannot_load(source, "a classification model", err) from None
+
+
+def start_module(params: Params, tokenizer, meta: dict) -> L.LightningModule:
+    """What train fits: the pretrained classifier with a fresh head for ``meta``'s labels, or the
+    causal LM (from scratch or pretrained, with LoRA adapters when ``model.lora`` is set)."""
+    if params.task == "causal_lm":
+        return lm.CausalLM(lm.trainable_model(params, tokenizer), params.train)
+    model = load_model(params.model.source, meta, params.model.trust_remote_code)
+    return Classifier(model, params.train)
 
 
 def build_trainer(params: Params, callbacks: list, logger) -> L.Trainer:
@@ -141,14 +151,18 @@ def build_trainer(params: Params, callbacks: list, logger) -> L.Trainer:
         benchmark=False)  # cudnn autotuning picks kernels nondeterministically
 
 
-def make_callbacks(cfg: Train, folder: Path) -> tuple[Curves, L.Callback, list]:
+def make_callbacks(cfg: Train, folder: Path, task: str = "classification"
+                   ) -> tuple[Curves, L.Callback, list]:
     """Curves, the best-checkpoint keeper (plus last.ckpt for resume), and the rest."""
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
     es = cfg.early_stopping
-    monitor, mode = (es.monitor, es.mode) if es else ("val_accuracy", "max")
+    default = ("val_loss", "min") if task == "causal_lm" else ("val_accuracy", "max")
+    monitor, mode = (es.monitor, es.mode) if es else default
+    # No version counter: StepCheckpoint writes last.ckpt too, and with one each would divert the
+    # other's saves to last-v1.ckpt, which no resume reads.
     best = ModelCheckpoint(dirpath=folder, filename="best-{epoch}-{step}", monitor=monitor,
-                           mode=mode, save_top_k=1, save_last=True)
+                           mode=mode, save_top_k=1, save_last=True, enable_version_counter=False)
     others = [LearningRateMonitor(logging_interval="step"), ResumeState()]
     if cfg.checkpoint_every_n_steps:  # between epoch ends; `best` alone picks the exported model
         others.append(StepCheckpoint(folder, cfg.checkpoint_every_n_steps))
@@ -157,18 +171,20 @@ def make_callbacks(cfg: Train, folder: Path) -> tuple[Curves, L.Callback, list]:
         # and the monitor (a Literal in params, so no typo) is legitimately missing.
         others.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=es.patience,
                                     strict=False))
-    curves = Curves()
+    curves = Curves(TASK_MONITORS[task])
     return curves, best, [curves, best, *others]
 
 
-def save_model(model, tokenizer, mapping: dict, dest: Path) -> None:
-    """Write beside ``dest``, then swap folders: a crash never leaves a half-written model."""
+def save_model(model, tokenizer, files: dict[str, dict], dest: Path) -> None:
+    """Write the model, tokenizer and ``files`` (name: JSON) beside ``dest``, then swap folders:
+    a crash never leaves a half-written model."""
     tmp, old = dest.with_name(f".{dest.name}.tmp"), dest.with_name(f".{dest.name}.old")
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    write_json(tmp / "labels.json", mapping)
+    for name, obj in files.items():
+        write_json(tmp / name, obj)
     for f in tmp.iterdir():  # some writers leave private (0600) files; a server may be another user
         f.chmod(0o644)
     if dest.exists():
@@ -184,22 +200,36 @@ def manifest_hash(manifest: Path) -> str:
     return json.loads(manifest.read_text()).get("source_sha256", "unknown")
 
 
-def summarize(trainer: L.Trainer, curves: Curves, monitor: str, mode: str, wall_s: float) -> dict:
+def export(params: Params, module: L.LightningModule, tokenizer, meta: dict) -> None:
+    """paths.model: the weights (causal_lm: LoRA merged, generation config), tokenizer, and
+    prepare's labels.json or lm.json."""
+    causal = params.task == "causal_lm"
+    model = lm.for_export(module.model, meta) if causal else module.model
+    save_model(model, tokenizer, {META_FILE[params.task]: meta}, params.paths.model)
+
+
+def summarize(trainer: L.Trainer, curves: Curves, monitor: str, mode: str, wall_s: float,
+              task: str) -> dict:
     """metrics/train.json: validation at the best epoch (the saved model) and how training ran."""
-    col = VAL_METRICS.index(monitor) + 1
+    names = curves.metrics
+    col = names.index(monitor) + 1
     pick = min if mode == "min" else max  # the first best, as ModelCheckpoint keeps it
-    best = pick(curves.val_rows, key=lambda row: row[col]) if curves.val_rows else [None] * 4
+    best = (pick(curves.val_rows, key=lambda row: row[col]) if curves.val_rows
+            else [None] * (len(names) + 1))
     seconds = curves.seconds or float("inf")
+    # Rank 0 times its own batches; every rank processes as many.
+    speed = {"train_samples_per_s": round(curves.samples * trainer.world_size / seconds, 2)}
+    if task == "causal_lm":
+        speed["train_tokens_per_s"] = round(curves.tokens * trainer.world_size / seconds, 1)
     return {
         "monitor": monitor,
         "best_epoch": best[0],
         **{f"best_{k}": v if v is None else round(v, 6)
-           for k, v in zip(VAL_METRICS, best[1:], strict=True)},
+           for k, v in zip(names, best[1:], strict=True)},
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "resumed_from_step": curves.start_step,
-        # Rank 0 times its own batches; every rank processes as many.
-        "train_samples_per_s": round(curves.samples * trainer.world_size / seconds, 2),
+        **speed,
         "wall_s": round(wall_s, 1),
     }
 
@@ -230,6 +260,8 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # num_workers is a param
     warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning's, on every fit
+    warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")  # peft calls the old name
+    warnings.filterwarnings("ignore", ".*fan_in_fan_out.*")  # peft adapts GPT-2's Conv1D right
     # checkpoint_to_resume already decided what the folder's contents may stay.
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
 
@@ -238,16 +270,18 @@ def open_run(params: Params, budget: dict) -> tuple[Path | None, str | None, str
     """Rank 0: resume or start fresh, and open the MLflow run. Returns (ckpt_path, run_id, fp)."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    from stages.lineage import MODEL_SECTIONS
     from stages.tracking import start_run
 
     paths = params.paths
     if rank_zero_only.rank != 0:  # a DDP worker, launched from rank 0's fit(): rank 0 has
         last = paths.checkpoints / "last.ckpt"  # already cleared any stale last.ckpt
         return (last if last.exists() else None), None, ""
-    code = "".join(sha256_of(Path(__file__).with_name(m)) for m in ("train.py", "lit.py", "resume.py"))
+    code = "".join(sha256_of(Path(__file__).with_name(m))
+                   for m in ("train.py", "lit.py", "lm.py", "resume.py"))
     fp = fingerprint(params, sha256_of(paths.processed), code)
     ckpt = checkpoint_to_resume(paths.checkpoints, fp, budget)
-    run_id = start_run(params, ("data", "model", "prepare", "train"), manifest_hash(paths.manifest))
+    run_id = start_run(params, MODEL_SECTIONS, manifest_hash(paths.manifest))
     return ckpt, run_id, fp
 
 
@@ -261,18 +295,17 @@ def main(params: Params | None = None) -> dict:
     require_hardware(cfg)  # before any loading, and before an MLflow run is opened
     started = time.perf_counter()
     quiet_libraries()
-    mapping = read_json(paths.processed / "labels.json", "run `dvc repro prepare` first")
+    meta = read_json(paths.processed / META_FILE[params.task], "run `dvc repro prepare` first")
     tokenizer = load_tokenizer(str(paths.processed / "tokenizer"))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the new head is initialized
-    model = load_model(params.model.source, mapping, params.model.trust_remote_code)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # before any new weights are drawn
+    module = start_module(params, tokenizer, meta)
     budget = {"max_epochs": cfg.max_epochs, "max_steps": cfg.max_steps}
     ckpt, run_id, fp = open_run(params, budget)
     # Off rank 0 the logger is inert (Lightning's rank-zero guards): no run, no writes.
     logger = MLFlowLogger(run_id=run_id, tracking_uri=tracking_uri(params.tracking),
                           synchronous=False)  # per-step metrics must not stall training
-    curves, best, callbacks = make_callbacks(cfg, paths.checkpoints)
+    curves, best, callbacks = make_callbacks(cfg, paths.checkpoints, params.task)
     trainer = build_trainer(params, callbacks, logger)
-    module = Classifier(model, cfg)
     data = TextData(paths.processed / "datasets", tokenizer.pad_token_id, cfg)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     if not trainer.is_global_zero:
@@ -282,8 +315,9 @@ def main(params: Params | None = None) -> dict:
     if best.best_model_path:  # empty when no validation ran (max_steps inside the first epoch)
         weights = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(weights["state_dict"])
-    save_model(module.model, tokenizer, mapping, paths.model)
-    metrics = summarize(trainer, curves, best.monitor, best.mode, time.perf_counter() - started)
+    export(params, module, tokenizer, meta)
+    metrics = summarize(trainer, curves, best.monitor, best.mode, time.perf_counter() - started,
+                        params.task)
     write_json(paths.train_metrics, metrics)
     log_outputs(params, run_id, metrics, write_curves(curves, paths.train_plots))
     print(f"train: {metrics} -> {paths.model}")

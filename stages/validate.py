@@ -6,6 +6,11 @@ Every check has a stable name ``<split>/<check>`` (``train/text_not_null``,
 ``test/no_leakage_from_train``). The verdict goes to ``paths.validation`` (a DVC metric) and the GX
 Data Docs to ``paths.data_docs``; then a failed check stops the pipeline with a summary naming each
 failed check, its unexpected count and example values.
+
+Task causal_lm has no label checks. On prompt/response pairs the text checks apply to each of
+``prompt`` and ``response`` (``validation/prompt_length``, ``test/response_not_blank``), duplicates
+are repeated pairs, and leakage is a validation/test prompt also in train (a test prompt seen in
+training inflates BLEU).
 """
 
 from __future__ import annotations
@@ -22,56 +27,90 @@ from stages.params import Params, load_params
 # text and is null elsewhere; "values must be null" then lets GX count the rows and show examples.
 REPEATS = "text_repeats_earlier_row"
 LEAKED = "text_also_in_train"
+PAIR_REPEATS = "pair_repeats_earlier_row"  # causal_lm pairs: the repeated pair's prompt is shown
+PROMPT_LEAKED = "prompt_also_in_train"
 # One row per class of the label set (zero counts included), for the train class-balance checks.
 BALANCE = "train_class_balance"
 
 
+def text_roles(params: Params) -> dict[str, str]:
+    """Check-name prefix -> column of each text column: {"text": ...} or {"prompt": .., "response": ..}."""
+    data = params.data
+    if params.task == "causal_lm" and data.pairs:
+        return {"prompt": data.prompt_column, "response": data.response_column}
+    return {"text": data.text_column}
+
+
+def derived_names(params: Params) -> tuple[str, str]:
+    """The derived columns behind duplicate_share and no_leakage_from_train."""
+    return (PAIR_REPEATS, PROMPT_LEAKED) if "prompt" in text_roles(params) else (REPEATS, LEAKED)
+
+
+def with_derived(df: pd.DataFrame, train: pd.DataFrame, is_train: bool, params: Params) -> pd.DataFrame:
+    """A split plus its repeats column and (validation/test) its leakage column.
+
+    Each holds the key text (the text, or a pair's prompt) where the row repeats / leaks, else null.
+    """
+    columns = list(text_roles(params).values())
+    if not set(columns) <= set(df.columns):
+        return df
+    repeats, leaked = derived_names(params)
+    key = df[columns[0]]
+    df = df.assign(**{repeats: key.where(df.duplicated(subset=columns))})
+    if not is_train and columns[0] in train:  # a hash lookup: ~10 ms against 67k texts
+        df[leaked] = key.where(key.isin(train[columns[0]].dropna()))
+    return df
+
+
 def derive_frames(frames: dict[str, pd.DataFrame], params: Params, labels: list[str]) -> dict:
     """The tables GX validates: each split plus the derived columns, and the class-balance table."""
-    text, label = params.data.text_column, params.data.label_column
-    train = frames["train"]
-    out = {}
-    for split, df in frames.items():
-        if text in df:
-            t = df[text]
-            df = df.assign(**{REPEATS: t.where(t.duplicated())})
-            if split != "train" and text in train:  # a hash lookup: ~10 ms against 67k texts
-                df[LEAKED] = t.where(t.isin(train[text].dropna()))
-        out[split] = df
-    if label in train:
+    label, train = params.data.label_column, frames["train"]
+    out = {s: with_derived(df, train, s == "train", params) for s, df in frames.items()}
+    if params.task != "causal_lm" and label in train:
         rows = train[label].value_counts().reindex(labels, fill_value=0).to_numpy()
         shares = rows / max(len(train), 1)
         out[BALANCE] = pd.DataFrame({"class": labels, "rows": rows, "share": shares})
     return out
 
 
+def text_checks(role: str, column: str, params: Params) -> list[tuple]:
+    """Not null, not blank and (when bounded) length, for one text column present in the split."""
+    from great_expectations import expectations as gxe
+
+    v = params.validate_
+    checks = [
+        (f"{role}_not_null", gxe.ExpectColumnValuesToNotBeNull(column=column)),
+        (f"{role}_not_blank", gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=r"^\s*$")),
+    ]
+    if v.min_text_chars is not None or v.max_text_chars is not None:
+        length = gxe.ExpectColumnValueLengthsToBeBetween(
+            column=column, min_value=v.min_text_chars, max_value=v.max_text_chars
+        )
+        checks.append((f"{role}_length", length))
+    return checks
+
+
 def split_checks(split: str, columns, params: Params, labels: list[str]) -> list[tuple]:
     """(name, expectation) pairs for one split; checks on a missing column are left out."""
     from great_expectations import expectations as gxe
 
-    v, text, label = params.validate_, params.data.text_column, params.data.label_column
-    checks = [
-        ("text_column_exists", gxe.ExpectColumnToExist(column=text)),
-        ("label_column_exists", gxe.ExpectColumnToExist(column=label)),
-    ]
-    if text in columns:
-        checks += [
-            ("text_not_null", gxe.ExpectColumnValuesToNotBeNull(column=text)),
-            ("text_not_blank", gxe.ExpectColumnValuesToNotMatchRegex(column=text, regex=r"^\s*$")),
-        ]
-        if v.min_text_chars is not None or v.max_text_chars is not None:
-            length = gxe.ExpectColumnValueLengthsToBeBetween(
-                column=text, min_value=v.min_text_chars, max_value=v.max_text_chars
-            )
-            checks.append(("text_length", length))
-        if v.max_duplicate_share is not None:  # mostly: the share of rows that must be null
-            dup = gxe.ExpectColumnValuesToBeNull(column=REPEATS, mostly=1 - v.max_duplicate_share)
-            checks.append(("duplicate_share", dup))
-        if v.check_leakage and LEAKED in columns:
-            checks.append(("no_leakage_from_train", gxe.ExpectColumnValuesToBeNull(column=LEAKED)))
-    if label in columns:
+    v, label, roles = params.validate_, params.data.label_column, text_roles(params)
+    with_labels = params.task != "causal_lm"
+    checks = [(f"{role}_column_exists", gxe.ExpectColumnToExist(column=c)) for role, c in roles.items()]
+    if with_labels:
+        checks.append(("label_column_exists", gxe.ExpectColumnToExist(column=label)))
+    for role, column in roles.items():
+        checks += text_checks(role, column, params) if column in columns else []
+    repeats, leaked = derived_names(params)
+    if v.max_duplicate_share is not None and repeats in columns:  # mostly: share that must be null
+        dup = gxe.ExpectColumnValuesToBeNull(column=repeats, mostly=1 - v.max_duplicate_share)
+        checks.append(("duplicate_share", dup))
+    if v.check_leakage and leaked in columns:
+        checks.append(("no_leakage_from_train", gxe.ExpectColumnValuesToBeNull(column=leaked)))
+    if with_labels and label in columns:
         checks.append(("label_not_null", gxe.ExpectColumnValuesToNotBeNull(column=label)))
-    if label in columns and labels:  # no label set (train lacks the column) already failed a check
+    # No label set (causal_lm, or train lacks the column: a check failed already): no in-set check.
+    if label in columns and labels:
         in_set = gxe.ExpectColumnValuesToBeInSet(column=label, value_set=labels)
         checks.append(("label_in_set", in_set))
     return [(f"{split}/{name}", exp) for name, exp in checks]
@@ -169,10 +208,14 @@ def run_suite(frames: dict[str, pd.DataFrame], params: Params, docs_dir: Path | 
     """Validate the splits (``frames`` holds train, validation, test); Data Docs go to docs_dir.
 
     Returns {"success", "checks_failed", "label_set", "checks": {name: {success, unexpected_count,
-    expectation, column, examples, error}}}, checks in a stable order.
+    expectation, column, examples, error}}}, checks in a stable order; label_set is None for
+    causal_lm.
     """
     train, label = frames["train"], params.data.label_column
-    labels = label_set(train[label].dropna() if label in train else [], params.data.labels)
+    if params.task == "causal_lm":
+        labels = None
+    else:
+        labels = label_set(train[label].dropna() if label in train else [], params.data.labels)
     derived = derive_frames(frames, params, labels)
     checks = build_checks(derived, params, labels)
     context = make_context()

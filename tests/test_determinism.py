@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 # Everything training decides, down to the bytes: the exported weights, both curves, the test
 # metrics (accuracy, loss, per_class) and the rows the model got wrong.
 OUTPUTS = ("models/model/model.safetensors", "plots/train/loss.csv", "plots/train/val.csv",
-           "metrics/eval.json", "reports/misclassified.csv")
+           "metrics/eval.json", "reports/eval/misclassified.csv")
 
 
 def start_repro(repo: Path) -> subprocess.Popen:

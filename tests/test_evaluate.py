@@ -106,7 +106,7 @@ def test_main_writes_metrics_plots_errors_and_logs_to_the_train_run(trained_para
     per_class = pd.read_csv(paths.eval_plots / "per_class.csv")
     assert per_class.columns.tolist() == ["label", "precision", "recall", "f1", "support"]
 
-    errors = pd.read_csv(paths.errors)
+    errors = pd.read_csv(paths.eval_reports / "misclassified.csv")
     assert len(errors) == min(20, (confusion["actual"] != confusion["predicted"]).sum())
     assert len(errors) > 0  # an untrained head gets some rows wrong
     assert (errors["actual"] != errors["predicted"]).all()

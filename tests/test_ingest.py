@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -145,3 +146,107 @@ def test_bad_sources_fail_with_a_clear_message_and_write_nothing(tmp_path, name,
 def test_hub_source_offline_fails_clearly(tmp_path):
     with pytest.raises(UserError, match="cannot load from the Hugging Face hub"):
         ingest.main(_params(tmp_path, "hf:some/dataset-that-needs-the-hub"))
+
+
+# --- task causal_lm ------------------------------------------------------------------------------
+
+def _lm_params(tmp_path, source, **data):
+    return parse_params({
+        "task": "causal_lm",
+        "data": {"source": str(source), **data},
+        "paths": {"raw": str(tmp_path / "raw"), "interim": str(tmp_path / "interim"),
+                  "manifest": str(tmp_path / "metrics" / "data.json")},
+        "model": {"source": "scratch"},
+        "train": {"early_stopping": {"monitor": "val_loss", "mode": "min"}},
+        "gate": {"floors": {}, "tolerances": {}},
+    })
+
+
+TEXT = "First doc, line one.\nLine  two.\n\n\n  \nSecond doc.\r\n\r\nThird\tdoc\n  indented line\n"
+
+
+def test_txt_rows_are_documents_or_lines():
+    from stages.sources import split_text
+
+    text = TEXT.replace("\r\n", "\n")
+    assert split_text(text, "document") == [
+        "First doc, line one.\nLine  two.", "Second doc.", "Third\tdoc\n  indented line"]
+    assert split_text(text, "line") == [
+        "First doc, line one.", "Line  two.", "Second doc.", "Third\tdoc", "  indented line"]
+
+
+@pytest.mark.parametrize("unit, rows", [("document", 3), ("line", 5)])
+def test_main_reads_a_txt_file_per_text_unit(tmp_path, unit, rows):
+    src = tmp_path / "corpus.txt"
+    src.write_bytes(TEXT.encode())
+    params = _lm_params(tmp_path, src, text_unit=unit, split={"validation": 0.2, "test": 0.2})
+    manifest = ingest.main(params)
+    assert manifest["rows"]["total"] == rows and "labels" not in manifest
+    texts = pd.concat(pd.read_parquet(tmp_path / "interim" / f"{s}.parquet") for s in
+                      ("train", "validation", "test"))["text"]
+    assert manifest["chars"]["total"] == texts.str.len().sum()
+    if unit == "document":  # whitespace collapsed and trimmed per line; the line breaks stay
+        assert set(texts) == {"First doc, line one.\nLine two.", "Second doc.",
+                              "Third doc\nindented line"}
+    assert (tmp_path / "raw" / "corpus.txt").read_bytes() == src.read_bytes()
+
+
+def test_main_reads_a_folder_of_txt_splits(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for split, n in (("train", 6), ("validation", 2), ("test", 3)):
+        (folder / f"{split}.txt").write_text("\n\n".join(f"{split} doc {i}" for i in range(n)))
+    manifest = ingest.main(_lm_params(tmp_path, folder))
+    assert manifest["rows"] == {"train": 6, "validation": 2, "test": 3, "total": 11}
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [
+        "test.txt", "train.txt", "validation.txt"]
+
+
+def test_lm_cleaning_drops_empty_and_duplicate_pairs_and_keeps_lines():
+    data = _lm_params(Path("."), "x.csv", prompt_column="q", response_column="a").data
+    df = pd.DataFrame({"q": ["p1", "p1", "p2", None, "p3", "p4"],
+                       "a": ["r1\n  r1b ", "r1\nr1b", "", "r", "r3", "r4"]})
+    out, dropped = ingest.clean_table(df, data, "causal_lm")
+    assert out.to_dict("list") == {"q": ["p1", "p3", "p4"], "a": ["r1\nr1b", "r3", "r4"]}
+    assert dropped == {"empty": 2, "duplicate": 1}
+
+
+def test_random_split_is_seeded_disjoint_and_sized():
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(50)]})
+    a = ingest.random_split(df, {"validation": 0.1, "test": 0.2}, seed=1)
+    b = ingest.random_split(df, {"validation": 0.1, "test": 0.2}, seed=1)
+    c = ingest.random_split(df, {"validation": 0.1, "test": 0.2}, seed=2)
+    assert all(a[s].equals(b[s]) for s in a) and not a["test"].equals(c["test"])
+    assert {s: len(d) for s, d in a.items()} == {"train": 35, "validation": 5, "test": 10}
+    assert set().union(*(set(d["text"]) for d in a.values())) == set(df["text"])
+    one = ingest.random_split(df.iloc[:1], {"validation": 0.5, "test": 0.4}, seed=0)
+    assert len(one["train"]) == 1
+
+
+@pytest.mark.parametrize(
+    "name, content, data, message",
+    [
+        ("pairs.csv", b"prompt,answer\nhi,there\n", {"prompt_column": "prompt",
+         "response_column": "response"}, r"missing column\(s\) \['response'\] \(data.response_column\)"),
+        ("plain.csv", b"body\nhello\n", {}, r"\['text'\] \(data.text_column\)"),
+        ("latin1.txt", "caf\xe9\n".encode("latin-1"), {}, "not UTF-8 text .*line 1"),
+        ("blank.txt", b" \n\n\t\n", {}, "holds only whitespace"),
+        ("pairs.txt", b"hello\n", {"prompt_column": "p", "response_column": "r"}, "holds plain text"),
+        ("tiny.txt", b"only one document\n", {}, "the validation split is empty"),
+    ],
+)
+def test_bad_lm_sources_fail_clearly(tmp_path, name, content, data, message):
+    src = tmp_path / name
+    src.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        ingest.main(_lm_params(tmp_path, src, **data))
+    assert not (tmp_path / "interim").exists()
+
+
+def test_txt_is_refused_for_classification_with_the_task_named(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.txt").write_text("a\n")
+    with pytest.raises(UserError, match=r"unsupported format '\.txt' for task classification"):
+        ingest.main(_params(tmp_path, tmp_path / "src" / "train.txt"))
+    with pytest.raises(UserError, match=r"no train\.csv/\.jsonl/\.parquet file"):
+        ingest.main(_params(tmp_path, tmp_path / "src"))

@@ -12,6 +12,7 @@ from stages import cli, lineage, package, tracking
 from stages.common import write_json
 from stages.params import Params, parse_params
 from tests.conftest import REPO, bentoml_home, tmp_paths, write_trained_model
+from tests.test_package import LM_METRICS, lm_params, write_trained_lm
 
 DATA_SHA = "da" * 32
 
@@ -144,6 +145,37 @@ def test_tampering_after_packaging_is_a_mismatch(finished, tmp_path, monkeypatch
     assert code == 1
     row = next(line for line in out.splitlines() if line.startswith("consistency"))
     assert row.split()[1:3] == ["mlflow_run_id", "MISMATCH"] and info["run_id"] in row
+
+
+def test_causal_lm_workspace_matches_its_packaged_model(tmp_path, monkeypatch, capsys):
+    """No classes anywhere: the lineage labels carry the test perplexity and generation scores."""
+    from mlflow import MlflowClient
+
+    params = lm_params(tmp_path, tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    write_trained_lm(params.paths.model)
+    write_json(params.paths.manifest, {"source_sha256": DATA_SHA})
+    write_json(params.paths.validation, {"success": True, "checks_failed": 0})
+    write_json(params.paths.eval_metrics, LM_METRICS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        run_id = tracking.start_run(params, lineage.MODEL_SECTIONS, DATA_SHA)
+    MlflowClient(params.tracking.uri).log_metric(run_id, "test_perplexity", 123.456)
+    monkeypatch.chdir(REPO)  # the Bento's build context
+    with bentoml_home(tmp_path / "bentoml"):
+        package.main(params)
+        report = lineage.collect(params)
+        _write_params_yaml(tmp_path, params)
+        monkeypatch.chdir(tmp_path)
+        code, out = _cli(["lineage"], capsys)
+    assert code == 0
+    assert {k: v["verdict"] for k, v in report["consistency"].items()} == dict.fromkeys(
+        lineage.CHECKED, "MATCH")
+    assert report["workspace"]["task"] == "causal_lm"
+    assert report["mlflow"]["test_perplexity"] == 123.456 and "test_accuracy" not in report["mlflow"]
+    labels = report["bento"]["model_labels"]
+    assert labels["test_perplexity"] == "123.4560" and labels["test_rougeL"] == "0.1875"
+    assert report["bento"]["model_tag"].startswith("lmforge-lm:")
+    assert ["status", "FINISHED"] in [line.split() for line in out.splitlines()]
 
 
 def test_missing_files_are_reported_not_produced_yet(tmp_path, monkeypatch, capsys):

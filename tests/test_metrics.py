@@ -1,8 +1,10 @@
-"""Local `evaluate` metrics: hand-computed values, agreement with scikit-learn, offline loading."""
+"""Local `evaluate` metrics: hand-computed values, agreement with scikit-learn, sacrebleu and
+rouge-score called directly, offline loading."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +30,7 @@ def metrics():
 
 
 def test_every_metric_folder_is_listed():
-    assert available() == ["accuracy", "f1", "precision_recall"]
+    assert available() == ["accuracy", "bleu", "f1", "perplexity", "precision_recall", "rouge"]
 
 
 def test_accuracy_by_hand(metrics):
@@ -83,9 +85,84 @@ def test_agrees_with_scikit_learn_on_random_labels(metrics, seed):
     assert per_class["precision"][4] == 0.0
 
 
+# Text pairs for BLEU and ROUGE: a perfect match, a disjoint pair, and two partial overlaps.
+PREDICTIONS = ["the cat sat on the mat", "purple monkey dishwasher",
+               "a quick brown fox jumps over the dog", "it is raining today in the city"]
+REFERENCES = ["the cat sat on the mat", "green tea with lemon",
+              "the quick brown fox jumped over the lazy dog", "today it rains in the city centre"]
+
+
+def test_perplexity_of_a_uniform_distribution_is_its_size():
+    import torch
+
+    vocab = 7
+    # A model that is uniform over 7 tokens: every target costs ln 7 nats, whatever the token.
+    logits = torch.zeros(2, 5, vocab)  # (B, T, V)
+    targets = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 0, 1]])  # row 0: 3 targets, row 1: 5
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                            ignore_index=-100, reduction="none").view(2, 5).sum(1)
+    out = load_metric("perplexity").compute(nll=nll.tolist(), tokens=[3, 5])
+    assert out["perplexity"] == pytest.approx(vocab)
+    assert out["loss"] == pytest.approx(math.log(vocab))
+    assert out["tokens"] == 8
+
+
+def test_perplexity_weighs_tokens_not_sequences():
+    # Row A: 1 token at p = 1/2 (perplexity 2). Row B: 3 tokens at p = 1/8 each (perplexity 8).
+    # Per token: exp((ln 2 + 3 ln 8) / 4) = 2 ** 2.5; the mean of the rows' perplexities would be 5.
+    out = load_metric("perplexity").compute(nll=[math.log(2), 3 * math.log(8)], tokens=[1, 3])
+    assert out["perplexity"] == pytest.approx(2**2.5)
+    assert out["perplexity"] != pytest.approx((2 + 8) / 2)
+    assert out["loss"] == pytest.approx(10 * math.log(2) / 4)
+    with pytest.raises(ValueError, match="no target tokens"):
+        load_metric("perplexity").compute(nll=[0.0], tokens=[0])
+
+
+def test_bleu_equals_sacrebleu():
+    import sacrebleu
+
+    bleu = load_metric("bleu")
+    out = bleu.compute(predictions=PREDICTIONS, references=REFERENCES)
+    expected = sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES])
+    assert out["score"] == pytest.approx(expected.score)
+    assert out["precisions"] == pytest.approx(expected.precisions)
+    assert (out["counts"], out["totals"]) == (list(expected.counts), list(expected.totals))
+    assert out["bp"] == pytest.approx(expected.bp)
+    assert (out["sys_len"], out["ref_len"]) == (expected.sys_len, expected.ref_len)
+    assert 0 < out["score"] < 100
+    assert bleu.compute(predictions=PREDICTIONS[:1], references=REFERENCES[:1])["score"] == (
+        pytest.approx(100.0))
+    assert bleu.compute(predictions=PREDICTIONS[1:2], references=REFERENCES[1:2])["score"] == 0.0
+    json.dumps(out)
+
+
+def test_bleu_with_several_references_per_prediction():
+    import sacrebleu
+
+    second = ["a cat was on the mat", "tea", "a brown fox jumps over a dog", "rain in the city"]
+    out = load_metric("bleu").compute(predictions=PREDICTIONS,
+                                      references=[list(r) for r in zip(REFERENCES, second, strict=True)])
+    assert out["score"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES, second]).score)
+
+
+def test_rouge_equals_rouge_score():
+    from rouge_score import rouge_scorer
+
+    out = load_metric("rouge").compute(predictions=PREDICTIONS, references=REFERENCES)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    pairs = [scorer.score(ref, pred) for pred, ref in zip(PREDICTIONS, REFERENCES, strict=True)]
+    assert pairs[0]["rougeL"].fmeasure == 1.0 and pairs[1]["rouge1"].fmeasure == 0.0
+    for kind in ("rouge1", "rouge2", "rougeL"):
+        assert out[kind] == pytest.approx(sum(p[kind].fmeasure for p in pairs) / len(pairs))
+        assert 0 < out[kind] < 1
+    assert set(out) == {"rouge1", "rouge2", "rougeL"}
+    perfect = load_metric("rouge").compute(predictions=PREDICTIONS[:1], references=REFERENCES[:1])
+    assert perfect == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+
+
 def test_unknown_metric_is_named():
-    with pytest.raises(UserError, match=r"metric 'bleu'.*\['accuracy', 'f1', 'precision_recall'\]"):
-        load_metric("bleu")
+    with pytest.raises(UserError, match=r"metric 'meteor'.*\['accuracy', 'bleu', 'f1', 'perplexity'"):
+        load_metric("meteor")
 
 
 def test_loads_offline_and_writes_only_to_the_hf_cache(tmp_path):

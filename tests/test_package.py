@@ -1,7 +1,7 @@
 """Package: the trained model enters the BentoML store with its lineage; a Bento is built around it.
 
-The fake upstream outputs (run info, eval metrics, manifest, validation verdict) are shared with
-tests/test_service.py.
+The fake upstream outputs (run info, eval metrics, manifest, validation verdict) and the tiny causal
+LM train output are shared with tests/test_service.py and tests/test_generate_service.py.
 """
 
 from __future__ import annotations
@@ -13,19 +13,78 @@ import pytest
 
 from stages import lineage, package
 from stages.common import UserError, read_json, write_json
-from tests.conftest import LABELS, REPO, bentoml_home, write_trained_model
+from stages.params import Params, parse_params
+from tests.conftest import LABELS, REPO, bentoml_home, tmp_paths, write_trained_model
 
 RUN_ID = "0123456789abcdef"
 DATA_SHA = "ab" * 32
+CLASSIFIER_METRICS = {"accuracy": 0.875, "f1_macro": 0.8611}
+LM_METRICS = {"perplexity": 123.456, "perplexity_start": 301.2, "loss": 4.8158, "tokens": 900,
+              "n": 12, "bleu": 3.5, "rouge1": 0.2, "rouge2": 0.05, "rougeL": 0.1875, "generated": 12}
+TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+LM_TEXTS = [
+    "the kettle boils water fast", "a lamp lights the room at night", "the mouse clicks and scrolls",
+    "### Prompt:\nname a fruit\n### Response:\nan apple", "the jacket keeps the rain out",
+    "### Prompt:\nsay hi\n### Response:\nhello there", "my novel has seven short chapters",
+]
 
 
-def write_upstream(params) -> None:
+def write_upstream(params, metrics: dict = CLASSIFIER_METRICS) -> None:
     """The other inputs of package: run info, eval metrics, data manifest, validation verdict."""
     write_json(params.paths.run_info, {"run_id": RUN_ID, "experiment_id": "1",
                                        "tracking_uri": "sqlite:///mlflow.db"})
-    write_json(params.paths.eval_metrics, {"accuracy": 0.875, "f1_macro": 0.8611})
+    write_json(params.paths.eval_metrics, metrics)
     write_json(params.paths.manifest, {"source_sha256": DATA_SHA})
     write_json(params.paths.validation, {"success": True, "checks_failed": 0})
+
+
+def lm_params(root: Path, pairs: bool = True, **sections) -> Params:
+    """causal_lm params of a tiny run under ``root`` (the contract's minimal dict)."""
+    raw = {
+        "task": "causal_lm", "paths": tmp_paths(root),
+        "model": {"source": "scratch", "scratch": {"layers": 2, "heads": 2, "hidden": 32,
+                                                   "context": 64, "vocab_size": 300}},
+        "prepare": {"block_size": 32, "max_length": 64, "template": TEMPLATE},
+        "train": {"early_stopping": {"monitor": "val_loss", "mode": "min", "patience": 2}},
+        "evaluate": {"generation": {"max_new_tokens": 16}},  # room for a prompt in 64 positions
+        "gate": {"floors": {"perplexity": {"max": 1e9}},
+                 "tolerances": {"perplexity": {"direction": "lower", "rel": 0.1}}},
+        "package": {"model_name": "lmforge-lm"},
+        **({"data": {"prompt_column": "prompt", "response_column": "response"}} if pairs else {}),
+    }
+    return parse_params({**raw, **sections})
+
+
+def write_trained_lm(model_dir: Path, fmt: str = "pairs", context: int = 64) -> None:
+    """What train leaves in paths.model for causal_lm: a 2-layer GPT-2 (safetensors,
+    generation_config.json), a byte-level BPE tokenizer trained on LM_TEXTS, lm.json."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(LM_TEXTS, trainers.BpeTrainer(
+        vocab_size=300, min_frequency=1, special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS,
+                                        pad_token=PAD)
+    tokenizer.save_pretrained(str(model_dir))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=32, n_layer=2,
+                        n_head=2, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
+    torch.manual_seed(0)  # a fixed random init: greedy generation is the same in every run
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        # The output embedding is tied to the input one: a zero row gives EOS and PAD logit 0,
+        # below the best of ~300 random logits, so greedy text runs to max_new_tokens.
+        model.transformer.wte.weight[[eos, pad]] = 0
+    model.save_pretrained(str(model_dir))
+    write_json(model_dir / "lm.json", {
+        "task": "causal_lm", "format": fmt, "template": TEMPLATE if fmt == "pairs" else None,
+        "block_size": 32, "max_length": 64, "eos_token_id": eos, "pad_token_id": pad})
 
 
 def test_main_stores_model_with_lineage_and_builds_bento(
@@ -72,6 +131,57 @@ def test_main_stores_model_with_lineage_and_builds_bento(
     src = Path(bento.path) / "src"
     assert (src / "bento" / "service.py").exists()
     assert not (src / "stages").exists() and not (src / "params.yaml").exists()
+    assert bento.info.service == "bento.service:Classifier"
+    assert model.info.metadata["task"] == "classification"
+
+
+def test_causal_lm_is_packaged_with_its_prompt_format_for_the_generator(tmp_path, monkeypatch):
+    import bentoml
+
+    params = lm_params(tmp_path, serve={"max_new_tokens": 16})
+    write_trained_lm(params.paths.model)
+    write_upstream(params, LM_METRICS)
+    assert not (params.paths.model / "labels.json").exists()  # causal_lm has no classes
+    monkeypatch.chdir(REPO)
+    with bentoml_home(tmp_path / "bentoml"):
+        info = package.main(params)
+        model = bentoml.models.get(info["model_tag"])
+        bento = bentoml.get(info["bento_tag"])
+
+    assert info["model_tag"].startswith("lmforge-lm:")
+    meta = model.info.metadata
+    assert meta["task"] == "causal_lm" and meta["format"] == "pairs" and meta["template"] == TEMPLATE
+    assert meta["context"] == 64  # the config's n_positions
+    assert meta["serve"] == params.serve.model_dump() and meta["serve"]["max_new_tokens"] == 16
+    assert "labels" not in meta and "max_length" not in meta
+    labels = model.info.labels
+    assert labels["test_perplexity"] == "123.4560"
+    assert labels["test_bleu"] == "3.5000" and labels["test_rougeL"] == "0.1875"
+    assert "test_accuracy" not in labels and "test_f1_macro" not in labels
+    assert labels["params_sha256"] == lineage.params_hash(params)
+    assert {"model.safetensors", "lm.json", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in Path(model.path).iterdir()}
+    # The bentofile names the classifier; package builds the causal LM's Bento with the generator.
+    assert bento.info.service == "bento.generate:Generator"
+    assert "POST /generate" in (Path(bento.path) / "README.md").read_text()  # the description
+    routes = {r["route"] for r in bento.info.schema["routes"]}
+    assert routes == {"/generate", "/generate_stream", "/metadata"}
+    assert bento.info.args == {"model": info["model_tag"]}
+    assert info["model_tag"] in {str(m.tag) for m in bento.info.all_models}
+    shipped = {p.name for p in (Path(bento.path) / "src" / "bento").iterdir()}
+    assert {"generate.py", "http.py", "prompts.py"} <= shipped
+
+
+def test_causal_lm_folder_needs_lm_json_not_labels(tmp_path):
+    params = lm_params(tmp_path, pairs=False)
+    write_trained_lm(params.paths.model, fmt="text")
+    assert package.model_facts("causal_lm", params.paths.model) == {
+        "format": "text", "template": None, "context": 64}
+    with pytest.raises(UserError, match="labels.json"):  # the classifier's check would refuse it
+        package.model_facts("classification", params.paths.model)
+    (params.paths.model / "lm.json").unlink()
+    with pytest.raises(UserError, match=r"lacks \['lm.json'\]"):
+        package.model_facts("causal_lm", params.paths.model)
 
 
 def test_missing_model_folder_is_named(prepared_params, tmp_path):
@@ -99,7 +209,19 @@ def test_lineage_needs_both_test_metrics_and_a_validation_verdict():
     with pytest.raises(UserError, match="dvc repro validate"):
         package.lineage(run, data, scores, {"checks_failed": 0}, "p" * 64)
     tags = package.lineage(run, data, scores, ok, "p" * 64)
+    assert tags["test_f1_macro"] == "0.8500" and "test_perplexity" not in tags
     assert tags["mlflow_run_id"] == "r" and tags["test_accuracy"] == "0.9000"
     assert tags["params_sha256"] == "p" * 64 and tags["validation_passed"] == "true"
     assert package.lineage(run, data, scores, {"success": False}, "")["validation_passed"] == "false"
     assert all(isinstance(v, str) for v in tags.values())  # BentoML labels are strings
+
+
+def test_causal_lm_lineage_labels_perplexity_and_generation_scores_when_present():
+    run, data, ok = {"run_id": "r"}, {"source_sha256": DATA_SHA}, {"success": True}
+    with pytest.raises(UserError, match="perplexity"):
+        package.lineage(run, data, {"accuracy": 0.9, "f1_macro": 0.8}, ok, "", "causal_lm")
+    plain = package.lineage(run, data, {"perplexity": 12.3456789, "loss": 2.5}, ok, "", "causal_lm")
+    assert plain["test_perplexity"] == "12.3457"
+    assert not {"test_bleu", "test_rougeL", "test_accuracy"} & set(plain)
+    pairs = package.lineage(run, data, LM_METRICS, ok, "", "causal_lm")
+    assert (pairs["test_bleu"], pairs["test_rougeL"]) == ("3.5000", "0.1875")

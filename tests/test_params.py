@@ -149,3 +149,43 @@ def test_load_params_reports_missing_and_malformed_files(tmp_path):
     (tmp_path / "params.yaml").write_text("data: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+LM = {"task": "causal_lm", "model": {"source": "scratch"},
+      "train": {"early_stopping": {"monitor": "val_loss", "mode": "min"}},
+      "gate": {"floors": {"perplexity": {"max": 50}},
+               "tolerances": {"perplexity": {"direction": "lower", "rel": 0.1}}}}
+
+
+def test_causal_lm_params_load_and_every_misfit_of_the_task_is_named_at_once():
+    assert parse_params(LM).task == "causal_lm"
+    # The classification defaults under task causal_lm: three keys that do not fit, one message.
+    with pytest.raises(UserError) as err:
+        parse_params({"task": "causal_lm", "model": {"source": "scratch", "lora": {"r": 4}}})
+    msg = str(err.value)
+    assert "model.lora: adapters are for a pretrained model" in msg
+    assert "train.early_stopping.monitor: 'val_accuracy' is not computed for task causal_lm" in msg
+    assert "gate.floors.accuracy: task causal_lm has no such metric" in msg
+    assert "gate.tolerances.f1_macro" in msg
+    assert msg.startswith("params: 6 problem(s):")  # lora, monitor, accuracy + f1_macro twice
+
+
+def test_pair_metrics_need_pair_data_and_scratch_needs_a_long_enough_context():
+    with pytest.raises(UserError, match=r"gate.floors.bleu: task causal_lm has no such metric"):
+        parse_params({**LM, "gate": {"floors": {"bleu": {"min": 1}}, "tolerances": {}}})
+    pairs = {**LM, "data": {"prompt_column": "q", "response_column": "a"},
+             "gate": {"floors": {"bleu": {"min": 1}}, "tolerances": {}}}
+    assert parse_params(pairs).data.pairs
+    with pytest.raises(UserError, match=r"model.scratch.context: 64 is shorter than prepare.block_size \(128\)"):
+        parse_params({**LM, "model": {"source": "scratch", "scratch": {"context": 64}}})
+
+
+def test_scratch_is_refused_for_classification_and_pair_columns_go_together():
+    with pytest.raises(UserError, match=r"model.source: 'scratch' builds a causal LM"):
+        parse_params({"model": {"source": "scratch"}})
+    with pytest.raises(UserError, match=r"prompt_column and response_column go together"):
+        parse_params({"data": {"prompt_column": "q"}})
+    with pytest.raises(UserError, match=r"prepare.template: .*exactly once"):
+        parse_params({"prepare": {"template": "no slot"}})
+    with pytest.raises(UserError, match=r"model.scratch: .*hidden \(100\) must be a multiple of heads"):
+        parse_params({**LM, "model": {"source": "scratch", "scratch": {"hidden": 100, "heads": 3}}})

@@ -85,3 +85,51 @@ def test_unknown_model_source_fails_clearly(tmp_path, rows, tiny_model_dir):
     with pytest.raises(UserError, match="package 'not_a_pkg' is not installed"):
         from stages.common import resolve_model_source
         resolve_model_source("package:not_a_pkg/model")
+
+
+def _pretrained_tokenizer_folder(folder, eos: str | None):
+    """A model folder holding only a byte-level BPE tokenizer with an eos and no pad token."""
+    from stages.lm_data import train_bpe
+
+    tok = train_bpe(iter(["some text to learn from"] * 3), 300, 1)
+    tok.save_pretrained(str(folder))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("pad_token", "bos_token") + (() if eos else ("eos_token",)):
+        config.pop(key, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(folder))
+    assert loaded.pad_token is None and (loaded.eos_token is None) != bool(eos)
+    return folder
+
+
+@pytest.mark.parametrize("eos", [True, False])
+def test_causal_lm_with_a_pretrained_tokenizer_pads_with_eos_or_refuses(tmp_path, eos):
+    from transformers import AutoTokenizer
+
+    interim = tmp_path / "interim"
+    interim.mkdir()
+    for split in ("train", "validation", "test"):
+        pd.DataFrame({"text": [f"{split} text {i}\nline" for i in range(6)]}).to_parquet(
+            interim / f"{split}.parquet")
+    write_json(tmp_path / "validation.json", {"success": True})
+    params = parse_params({
+        "task": "causal_lm",
+        "paths": {"interim": str(interim), "processed": str(tmp_path / "processed"),
+                  "validation": str(tmp_path / "validation.json")},
+        "model": {"source": str(_pretrained_tokenizer_folder(tmp_path / "model", eos))},
+        "prepare": {"block_size": 16},
+        "train": {"early_stopping": {"monitor": "val_loss", "mode": "min"}},
+        "gate": {"floors": {}, "tolerances": {}},
+    })
+    if not eos:
+        with pytest.raises(UserError, match="has no eos_token"):
+            prepare.main(params)
+        return
+    stats = prepare.main(params)
+    out = tmp_path / "processed"
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    lm = json.loads((out / "lm.json").read_text())
+    assert tok.pad_token == tok.eos_token and lm["pad_token_id"] == lm["eos_token_id"] == 0
+    assert stats["validation"]["texts"] == 6 and stats["validation"]["rows"] >= 1

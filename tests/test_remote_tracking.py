@@ -103,6 +103,7 @@ def test_train_evaluate_and_gate_log_to_the_server_only(prepared_params, remote,
     head = git_commit(tmp_path)  # the cwd: the commit the run is tagged with
     train.main(params)
     scores = evaluate.main(params)
+    assert (params.paths.eval_reports / "misclassified.csv").is_file()  # logged below, kept locally
     info = read_json(params.paths.run_info, "")
     assert info["tracking_uri"] == url
 

@@ -212,5 +212,5 @@ def test_mlflow_params_tags_and_run_json_hold_no_secret(tmp_path, monkeypatch, t
     info = params.paths.run_info.read_text()
     assert SECRET not in info
     assert json.loads(info)["tracking_uri"] == "http://alice:***@mlflow.internal"
-    metadata = package.serve_metadata(params, ["a"], {"tracking_uri": f"http://a:{SECRET}@h"})
+    metadata = package.serve_metadata(params, {"labels": ["a"]}, {"tracking_uri": f"http://a:{SECRET}@h"})
     assert metadata["mlflow_tracking_uri"] == "http://a:***@h"  # an old run.json, still redacted

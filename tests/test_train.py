@@ -269,11 +269,12 @@ def test_resume_continues_from_last_checkpoint_and_params_change_clears(prepared
     import mlflow
 
     p = prepared_params.paths
-    first = _with_train(prepared_params, max_epochs=1)
+    # Step checkpoints too: the epoch-end save must still land in last.ckpt, not last-v1.ckpt.
+    first = _with_train(prepared_params, max_epochs=1, checkpoint_every_n_steps=1)
     train.main(first)
-    assert (p.checkpoints / "last.ckpt").exists()
+    assert [f.name for f in p.checkpoints.glob("last*.ckpt")] == ["last.ckpt"]
 
-    resumed = train.main(_with_train(prepared_params, max_epochs=2))
+    resumed = train.main(_with_train(prepared_params, max_epochs=2, checkpoint_every_n_steps=1))
     assert "resuming from" in capsys.readouterr().out
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
     # The curves keep the first run's rows (they travel in the checkpoint).

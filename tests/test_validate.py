@@ -237,3 +237,110 @@ def test_main_names_a_missing_split_and_the_stage_to_run(interim):
     interim(frames)
     with pytest.raises(UserError, match=r"data/interim/test\.parquet.*dvc repro ingest"):
         main(params())
+
+
+# --- task causal_lm ------------------------------------------------------------------------------
+
+def lm_params(pairs: bool = False, **validate):
+    data = {"prompt_column": "prompt", "response_column": "response"} if pairs else {}
+    return parse_params({
+        "task": "causal_lm", "data": data, "validate": validate, "model": {"source": "scratch"},
+        "train": {"early_stopping": {"monitor": "val_loss", "mode": "min"}},
+        "gate": {"floors": {}, "tolerances": {}},
+    })
+
+
+def lm_frames(pairs: bool = False) -> dict[str, pd.DataFrame]:
+    """Distinct texts (plain: multi-line documents) or prompt/response pairs per split, no overlap."""
+    frames = {}
+    for split, n in (("train", 30), ("validation", 8), ("test", 8)):
+        if pairs:
+            prompts = [f"{split} prompt {i}" for i in range(n)]
+            frames[split] = pd.DataFrame({"prompt": prompts, "response": [p.upper() for p in prompts]})
+        else:
+            frames[split] = pd.DataFrame({"text": [f"{split} doc {i}\nsecond line" for i in range(n)]})
+    return frames
+
+
+def test_lm_plain_text_checks_have_no_label_checks():
+    report = run_suite(lm_frames(), lm_params())
+    assert report["success"] and report["label_set"] is None
+    assert set(report["checks"]) == {
+        *(f"{s}/{c}" for s in ("train", "validation", "test") for c in
+          ("text_column_exists", "text_not_null", "text_not_blank", "text_length",
+           "duplicate_share")),
+        "validation/no_leakage_from_train", "test/no_leakage_from_train"}
+
+
+def test_lm_pair_checks_cover_prompt_and_response():
+    report = run_suite(lm_frames(pairs=True), lm_params(pairs=True))
+    assert report["success"]
+    for check in ("prompt_column_exists", "response_column_exists", "prompt_not_null",
+                  "response_not_null", "prompt_not_blank", "response_not_blank", "prompt_length",
+                  "response_length", "duplicate_share"):
+        assert f"validation/{check}" in report["checks"], check
+    assert not any("label" in name or name.endswith("/text_not_null") for name in report["checks"])
+
+
+def _lm_leak_prompt(frames):  # the responses differ: a seen prompt alone is the leak
+    frames["test"].loc[[1, 2], "prompt"] = frames["train"]["prompt"].iloc[[0, 5]].to_numpy()
+
+
+def _lm_repeat_pairs(frames):
+    frames["train"].loc[[1, 2, 3], ["prompt", "response"]] = frames["train"].iloc[0][
+        ["prompt", "response"]].to_numpy()
+
+
+def _lm_same_prompt_new_response(frames):
+    frames["train"].loc[[1, 2, 3], "prompt"] = frames["train"]["prompt"].iloc[0]
+
+
+LM_BREAKAGES = [  # (why, breakage, validate params, failed checks {name: count}, an example)
+    ("missing response", _set("validation", "response", [2], None), {},
+     {"validation/response_not_null": 1}, None),
+    ("blank response", _set("test", "response", [0, 1], "  "), {},
+     {"test/response_not_blank": 2}, "  "),
+    ("long prompt", _set("train", "prompt", [4], "p" * 50), {"max_text_chars": 40},
+     {"train/prompt_length": 1}, "p" * 50),
+    ("leaked test prompt", _lm_leak_prompt, {}, {"test/no_leakage_from_train": 2}, "train prompt 0"),
+    ("repeated pairs", _lm_repeat_pairs, {}, {"train/duplicate_share": 3}, "train prompt 0"),
+]
+
+
+@pytest.mark.parametrize("breaks,validate,checks,example", [b[1:] for b in LM_BREAKAGES],
+                         ids=[b[0] for b in LM_BREAKAGES])
+def test_each_lm_pair_breakage_fails_its_check(breaks, validate, checks, example):
+    frames = lm_frames(pairs=True)
+    breaks(frames)
+    report = run_suite(frames, lm_params(pairs=True, **validate))
+    assert {name: c["unexpected_count"] for name, c in failed(report).items()} == checks
+    assert example in report["checks"][next(iter(checks))]["examples"]
+
+
+def test_a_repeated_prompt_with_another_response_is_not_a_duplicate_pair():
+    frames = lm_frames(pairs=True)
+    _lm_same_prompt_new_response(frames)
+    assert run_suite(frames, lm_params(pairs=True))["success"]
+
+
+def test_lm_plain_leakage_and_missing_column():
+    frames = lm_frames()
+    frames["test"].loc[0, "text"] = frames["train"]["text"].iloc[3]
+    frames["validation"] = frames["validation"].rename(columns={"text": "body"})
+    report = run_suite(frames, lm_params())
+    assert set(failed(report)) == {"test/no_leakage_from_train", "validation/text_column_exists"}
+    assert report["checks"]["test/no_leakage_from_train"]["examples"] == ["train doc 3\nsecond line"]
+
+
+def test_lm_main_fails_with_a_summary_naming_the_leaked_prompt(interim, capsys):
+    frames = lm_frames(pairs=True)
+    _lm_leak_prompt(frames)
+    frames["validation"].loc[2, "response"] = None
+    interim(frames)
+    with pytest.raises(SystemExit):
+        run_main(lambda: main(lm_params(pairs=True)))
+    err = capsys.readouterr().err
+    assert err.startswith("error: validation failed: 2 of")
+    assert "test/no_leakage_from_train: 2 unexpected [expect_column_values_to_be_null(" \
+           "prompt_also_in_train)]" in err
+    assert "'train prompt 0'" in err and "validation/response_not_null: 1 unexpected" in err

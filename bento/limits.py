@@ -1,0 +1,56 @@
+"""Shared HTTP pieces of the services (bento/service.py, bento/generate.py): the request-body limit.
+
+Importing this module loads no model and starts nothing, unlike the service modules.
+"""
+
+import json
+
+
+def max_body_bytes(limits: dict) -> int:
+    """The largest body a valid request can have: max_texts texts of max_chars characters, each at
+    worst 12 bytes of JSON (an escaped surrogate pair, "\\ud83d\\ude00"), plus keys and whitespace.
+    The 4096 spare bytes cover the small options next to the texts (all_scores, max_new_tokens, ...).
+    """
+    return limits["max_texts"] * (12 * limits["max_chars"] + 64) + 4096
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` gets 413 before anything parses it.
+
+    A declared Content-Length over the limit is refused without reading a byte; a body without one
+    (chunked) is read only up to the limit. Either way memory stays bounded.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await self.refuse(send, f"{declared.decode(errors='replace')} bytes")
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self.refuse(send, f"over {size} bytes")
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def receive_again():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, receive_again, send)
+
+    async def refuse(self, send, size: str) -> None:
+        body = json.dumps({"error": f"request body of {size} is over this service's limit of "
+                           f"{self.max_bytes} bytes (serve.max_texts texts of serve.max_chars "
+                           "characters)"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
