@@ -308,6 +308,18 @@ class Train(Section):
         "auto", description="auto: bf16-mixed on a GPU that supports it, else 32-true."
     )
     strategy: str = Field("auto", description="Lightning strategy: auto, ddp, fsdp, ...")
+    num_nodes: int = Field(
+        1, ge=1, description="Machines in one run (torchrun --nnodes, SLURM --nodes); devices "
+        "counts processes per machine."
+    )
+    torch_compile: bool = Field(
+        False, description="torch.compile the model: faster GPU steps after a compile of a "
+        "minute or more at start."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: roughly a third slower "
+        "steps for far less activation memory (long contexts, large batches)."
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     log_every_n_steps: int = Field(5, ge=1)
     checkpoint_every_n_steps: int | None = Field(

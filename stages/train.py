@@ -36,15 +36,16 @@ from stages.common import (
     sha256_of,
     write_json,
 )
-from stages.lit import Classifier, Curves, TextData, write_curves
+from stages.lit import Classifier, Curves, TextData, speed_up, write_curves
 from stages.params import TASK_MONITORS, Params, Train, load_params, require_hardware
 from stages.resume import AtomicCheckpointIO, ResumeState, StepCheckpoint
 
 # Train knobs that may change between an interrupted run and its resumption: the budget (raise
 # max_epochs to train on), hardware, logging and how often to checkpoint. Every other knob makes
 # a checkpoint stale.
-RESUME_FREE = {"max_epochs", "max_steps", "accelerator", "devices", "strategy", "num_workers",
-               "log_every_n_steps", "eval_batch_size", "checkpoint_every_n_steps"}
+RESUME_FREE = {"max_epochs", "max_steps", "accelerator", "devices", "strategy", "num_nodes",
+               "num_workers", "log_every_n_steps", "eval_batch_size", "checkpoint_every_n_steps",
+               "torch_compile", "gradient_checkpointing"}
 STATE_FILE = "train_state.json"  # beside last.ckpt: what made it, and whether that run finished
 # What prepare writes beside the splits for each task, and train copies beside the model.
 META_FILE = {"classification": "labels.json", "causal_lm": "lm.json"}
@@ -139,6 +140,7 @@ def build_trainer(params: Params, callbacks: list, logger) -> L.Trainer:
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls left on the GPU
     return L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
         precision=resolve_precision(cfg.precision, cfg.accelerator, cuda,
                                     cuda and torch.cuda.is_bf16_supported()),
         max_epochs=cfg.max_epochs, max_steps=cfg.max_steps,
@@ -198,6 +200,15 @@ def manifest_hash(manifest: Path) -> str:
     if not manifest.exists():
         return "unknown"
     return json.loads(manifest.read_text()).get("source_sha256", "unknown")
+
+
+def best_weights(ckpt: Path) -> dict:
+    """A checkpoint's full state dict; DeepSpeed writes a folder of ZeRO shards, merged here."""
+    if ckpt.is_dir():
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        return convert_zero_checkpoint_to_fp32_state_dict(ckpt, ckpt / "full.pt")["state_dict"]
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def export(params: Params, module: L.LightningModule, tokenizer, meta: dict) -> None:
@@ -299,6 +310,7 @@ def main(params: Params | None = None) -> dict:
     tokenizer = load_tokenizer(str(paths.processed / "tokenizer"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before any new weights are drawn
     module = start_module(params, tokenizer, meta)
+    speed_up(module.model, cfg)
     budget = {"max_epochs": cfg.max_epochs, "max_steps": cfg.max_steps}
     ckpt, run_id, fp = open_run(params, budget)
     # Off rank 0 the logger is inert (Lightning's rank-zero guards): no run, no writes.
@@ -312,9 +324,13 @@ def main(params: Params | None = None) -> dict:
         return {}
     state = {"fingerprint": fp, "finished": True, "budget": budget}
     write_json(paths.checkpoints / STATE_FILE, state)
-    if best.best_model_path:  # empty when no validation ran (max_steps inside the first epoch)
-        weights = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
-        module.load_state_dict(weights["state_dict"])
+    path = best.best_model_path  # empty when no validation ran (max_steps inside the first epoch)
+    if cfg.strategy.startswith(("fsdp", "deepspeed")):
+        # The fitted module holds this rank's shards only: export a fresh copy loaded with the
+        # full weights the checkpoint holds (Lightning's FSDP default state_dict_type is "full").
+        module, path = start_module(params, tokenizer, meta), path or best.last_model_path
+    if path:
+        module.load_state_dict(best_weights(Path(path)))
     export(params, module, tokenizer, meta)
     metrics = summarize(trainer, curves, best.monitor, best.mode, time.perf_counter() - started,
                         params.task)

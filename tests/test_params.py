@@ -176,7 +176,7 @@ def test_pair_metrics_need_pair_data_and_scratch_needs_a_long_enough_context():
     pairs = {**LM, "data": {"prompt_column": "q", "response_column": "a"},
              "gate": {"floors": {"bleu": {"min": 1}}, "tolerances": {}}}
     assert parse_params(pairs).data.pairs
-    with pytest.raises(UserError, match=r"model.scratch.context: 64 is shorter than prepare.block_size \(128\)"):
+    with pytest.raises(UserError, match=r"scratch.context: 64 is shorter than prepare.block_size \(128"):
         parse_params({**LM, "model": {"source": "scratch", "scratch": {"context": 64}}})
 
 
