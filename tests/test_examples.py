@@ -12,6 +12,9 @@ from stages.params import check_hardware, parse_params
 from tests.conftest import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+# Partial examples hold only the keys that differ from params.yaml; full ones replace it.
+SECTIONS = set(yaml.safe_load((REPO / "params.yaml").read_text()))
+PARTIAL = [p for p in EXAMPLES if not SECTIONS <= set(yaml.safe_load(p.read_text()))]
 GPUS = 8  # the machine a GPU example is checked against: 8 bf16-capable GPUs
 
 
@@ -29,8 +32,9 @@ def knobs(tree: dict) -> dict[str, object]:
             for key, value in (keys.items() if isinstance(keys, dict) else [(None, keys)])}
 
 
-def test_there_are_examples_for_gpu_and_cluster_setups():
-    assert {"gpu_single_node.yaml", "multi_node.yaml"} <= {p.name for p in EXAMPLES}
+def test_there_are_examples_for_gpu_and_cluster_setups_and_language_models():
+    assert {"gpu_single_node.yaml", "multi_node.yaml"} <= {p.name for p in PARTIAL}
+    assert {"lm_pretrain.yaml", "lm_instruct.yaml"} <= {p.name for p in EXAMPLES} - set(PARTIAL)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -47,12 +51,10 @@ def test_example_merged_over_params_yaml_is_valid_and_fits_its_hardware(path):
     assert problems == [], problems
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PARTIAL, ids=lambda p: p.name)
 def test_partial_example_holds_only_changes_and_its_exp_run_line_matches(path):
     example = yaml.safe_load(path.read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    if set(params) <= set(example):
-        pytest.skip("a full params file")
     base, keys = knobs(params), knobs(example)
     assert [k for k, v in keys.items() if base.get(k) == v] == [], "keys equal to params.yaml's"
     header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
