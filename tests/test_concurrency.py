@@ -23,7 +23,7 @@ from tests.test_pipeline import dvc, tiny_repo
 
 WORKERS = 4  # processes racing the first writes; more than -j 2 so the window is surely hit
 QUEUE_TIMEOUT_S = 420  # two tiny experiments side by side: ~95 s on a busy 2-core machine
-LEARNING_RATES = (0.001, 0.002)
+LEARNING_RATES = (0.002, 0.003)  # both differ from the baseline (0.001): DVC skips an equal one
 REGISTERED = "lmforge-classifier"
 
 

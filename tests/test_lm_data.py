@@ -29,6 +29,7 @@ def lm_params(tmp_path, pairs: bool = False, **sections) -> object:
                                                    "context": 64, "vocab_size": 300}},
         "prepare": {"block_size": 32, "max_length": 64},
         "train": {"early_stopping": {"monitor": "val_loss", "mode": "min", "patience": 2}},
+        "evaluate": {"generation": {"max_new_tokens": 16}},  # leaves room in the 64-token context
         "gate": {"floors": {"perplexity": {"max": 1e9}},
                  "tolerances": {"perplexity": {"direction": "lower", "rel": 0.1}}},
     }

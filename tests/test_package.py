@@ -169,14 +169,14 @@ def test_causal_lm_is_packaged_with_its_prompt_format_for_the_generator(tmp_path
     assert bento.info.args == {"model": info["model_tag"]}
     assert info["model_tag"] in {str(m.tag) for m in bento.info.all_models}
     shipped = {p.name for p in (Path(bento.path) / "src" / "bento").iterdir()}
-    assert {"generate.py", "http.py", "prompts.py"} <= shipped
+    assert {"generate.py", "limits.py", "prompts.py"} <= shipped
 
 
 def test_causal_lm_folder_needs_lm_json_not_labels(tmp_path):
     params = lm_params(tmp_path, pairs=False)
     write_trained_lm(params.paths.model, fmt="text")
     assert package.model_facts("causal_lm", params.paths.model) == {
-        "format": "text", "template": None, "context": 64}
+        "format": "text", "template": "", "context": 64}  # metadata holds no None
     with pytest.raises(UserError, match="labels.json"):  # the classifier's check would refuse it
         package.model_facts("classification", params.paths.model)
     (params.paths.model / "lm.json").unlink()

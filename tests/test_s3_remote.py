@@ -195,7 +195,7 @@ def test_push_from_one_clone_pull_into_a_fresh_one_without_retraining(
     assert files_of(clone / "data/interim") == files_of(repo / "data/interim")
 
     # Every output is back (checkpoints are train's own scratch, not a DVC output): nothing to do.
-    assert run_dvc(clone, "status").strip() == "Data and pipelines are up to date."
+    assert run_dvc(clone, "status", TARGET).strip() == "Data and pipelines are up to date."
     before = files_of(clone / "models/model")
     started = time.monotonic()
     out = run_dvc(clone, "repro", TARGET)
