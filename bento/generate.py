@@ -19,9 +19,10 @@ from collections.abc import Generator as Stream
 from typing import Annotated, Literal
 
 import bentoml
+from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
 
-from bento.limits import BodyLimit, max_body_bytes
+from bento.limits import RequestGuard, max_body_bytes, traffic
 from bento.prompts import fit_context, format_prompt, left_pad, stop_id_set, until_stop
 
 
@@ -44,7 +45,8 @@ if INFO.get("task") != "causal_lm":
 LIMITS = INFO["serve"]
 # At least one prompt token must fit next to the new ones: a cap at the context would leave none.
 MAX_NEW_TOKENS = min(LIMITS["max_new_tokens"], INFO["context"] - 1)
-TIMEOUT_S = 120  # generation on a CPU is slow: several prompts x max_new_tokens decoding steps
+TIMEOUT_S = LIMITS.get("timeout_s", 120)  # serve.timeout_s: also bounds a stream's silences
+EXAMPLE = "Once upon a time"
 
 Prompt = Annotated[str, Field(max_length=LIMITS["max_chars"])]
 
@@ -65,13 +67,25 @@ class Options(BaseModel):
 class GenerateRequest(Options):
     """Body of POST /generate."""
 
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "prompts": [EXAMPLE], "max_new_tokens": min(32, MAX_NEW_TOKENS), "temperature": 0.0}})
+
     prompts: Annotated[list[Prompt], Field(min_length=1, max_length=LIMITS["max_texts"])]
 
 
 class StreamRequest(Options):
     """Body of POST /generate_stream."""
 
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "prompt": EXAMPLE, "max_new_tokens": min(32, MAX_NEW_TOKENS), "temperature": 0.7}})
+
     prompt: Prompt
+
+
+class NoInput(BaseModel):
+    """Body of POST /metadata: none (an empty object)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {}})
 
 
 class Generation(BaseModel):
@@ -82,13 +96,17 @@ class Generation(BaseModel):
 
 
 # http.host: bind only the loopback interface unless the user passes --host / BENTOML_HOST.
-@bentoml.service(traffic={"timeout": TIMEOUT_S}, http={"host": "127.0.0.1"})
+@bentoml.service(workers=LIMITS.get("workers", 1), traffic=traffic({"timeout_s": TIMEOUT_S, **LIMITS}),
+                 http={"host": "127.0.0.1"})
 class Generator:
     bento_model = MODEL  # a class attribute, so `bentoml build` puts the model into the Bento
 
     def __init__(self) -> None:
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if LIMITS.get("threads"):
+            torch.set_num_threads(LIMITS["threads"])
         path = self.bento_model.path
         # Our own train output: plain data, never code, never pickle.
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -101,12 +119,19 @@ class Generator:
         self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
     def encode(self, prompts: list[str], max_new_tokens: int) -> dict:
-        """One left-padded batch of the formatted prompts, each cut to leave max_new_tokens room."""
+        """One left-padded batch of the formatted prompts, each cut from the left to leave
+        max_new_tokens room (serve.truncate true) or refused with 400 when over it (false)."""
         import torch
 
         texts = [format_prompt(p, INFO["format"], INFO["template"]) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         budget = INFO["context"] - max_new_tokens
+        over = [(i, len(r)) for i, r in enumerate(ids) if len(r) > budget]
+        if over and not LIMITS.get("truncate", True):
+            listed = ", ".join(f"prompt {i} has {n}" for i, n in over[:5])
+            raise InvalidArgument(f"{listed} tokens; with max_new_tokens {max_new_tokens} the "
+                                  f"context ({INFO['context']}) leaves {budget} (serve.truncate "
+                                  "is false)")
         rows, mask = left_pad([fit_context(r, budget, self.start_id) for r in ids], self.pad_id)
         return {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}  # (B, T)
 
@@ -165,7 +190,7 @@ class Generator:
             failed.append(err)
             kwargs["streamer"].end()
 
-    @bentoml.api(route="/metadata")
+    @bentoml.api(route="/metadata", input_spec=NoInput)
     def metadata(self) -> dict:
         """The model tag, its prompt format, lineage labels and serving limits."""
         stored = self.bento_model
@@ -176,4 +201,4 @@ class Generator:
 
 
 # Same bound as the classifier's: max_texts prompts of max_chars, plus a few small options.
-Generator.add_asgi_middleware(BodyLimit, max_bytes=max_body_bytes(LIMITS))
+Generator.add_asgi_middleware(RequestGuard, max_bytes=max_body_bytes(LIMITS))

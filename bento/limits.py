@@ -1,9 +1,20 @@
-"""Shared HTTP pieces of the services (bento/service.py, bento/generate.py): the request-body limit.
+"""Shared HTTP pieces of the services (bento/service.py, bento/generate.py): BentoML's traffic
+settings and the request-body limit, both from params.serve (in the model's metadata).
 
 Importing this module loads no model and starts nothing, unlike the service modules.
 """
 
 import json
+
+
+def traffic(limits: dict) -> dict:
+    """BentoML's ``traffic`` settings: the request timeout (504 past it) and, when set, the cap on
+    requests in flight (429 past it). Models packaged before these keys existed get the old values.
+    """
+    settings = {"timeout": limits.get("timeout_s", 60)}
+    if limits.get("max_concurrency"):
+        settings["max_concurrency"] = limits["max_concurrency"]
+    return settings
 
 
 def max_body_bytes(limits: dict) -> int:
@@ -14,11 +25,14 @@ def max_body_bytes(limits: dict) -> int:
     return limits["max_texts"] * (12 * limits["max_chars"] + 64) + 4096
 
 
-class BodyLimit:
-    """ASGI middleware: a body over ``max_bytes`` gets 413 before anything parses it.
+class RequestGuard:
+    """ASGI middleware in front of the APIs: a multipart body gets 415 and a body over
+    ``max_bytes`` 413, both before anything parses them.
 
-    A declared Content-Length over the limit is refused without reading a byte; a body without one
-    (chunked) is read only up to the limit. Either way memory stays bounded.
+    Multipart: every API takes JSON, but BentoML parses a multipart body as a form first, and a
+    malformed one (no boundary) fails inside it with a 500. A declared Content-Length over the
+    limit is refused without reading a byte; a body without one (chunked) is read only up to the
+    limit. Either way memory stays bounded.
     """
 
     def __init__(self, app, max_bytes: int) -> None:
@@ -27,7 +41,11 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        headers = dict(scope["headers"])
+        if headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
+            return await refuse(send, 415, "this service takes application/json bodies, not "
+                                "multipart forms")
+        declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
             return await self.refuse(send, f"{declared.decode(errors='replace')} bytes")
         chunks, size, more = [], 0, True
@@ -47,10 +65,14 @@ class BodyLimit:
         return await self.app(scope, receive_again, send)
 
     async def refuse(self, send, size: str) -> None:
-        body = json.dumps({"error": f"request body of {size} is over this service's limit of "
-                           f"{self.max_bytes} bytes (serve.max_texts texts of serve.max_chars "
-                           "characters)"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-                   (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await refuse(send, 413, f"request body of {size} is over this service's limit of "
+                     f"{self.max_bytes} bytes (serve.max_texts texts of serve.max_chars characters)")
+
+
+async def refuse(send, status: int, error: str) -> None:
+    """Answer ``status`` with {"error": ...} and close: the rest of the body is never read."""
+    body = json.dumps({"error": error}).encode()
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+               (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

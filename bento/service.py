@@ -8,25 +8,28 @@ The service binds 127.0.0.1 (its ``http.host``): only this machine can call it. 
 (or ``BENTOML_HOST``) exposes it; put authentication in front first (README, "Serving securely").
 Request bodies larger than the biggest valid request are refused with 413 before parsing.
 
-Request limits, batching settings and the truncation length come from the model's metadata (written
-by stages/package.py from params.yaml), because a Bento carries no params.yaml.
+Request limits, batching, workers, timeouts, the truncation length and the runtime come from the
+model's metadata (written by stages/package.py from params.serve), because a Bento carries no
+params.yaml. Runtime ``torch`` serves the trained weights; ``onnx`` / ``onnx_int8`` serve stage
+export's graph under onnxruntime (the stored model is then export's folder: graph, tokenizer,
+config). A text over the model's length is cut (serve.truncate) or refused with 400.
 
-Adaptive batching: BentoML merges concurrent calls of a ``batchable`` API by concatenating their one
-input along its batch dimension. Requests here carry a list of texts plus an option, so the public
-``classify`` validates the request and sends only the texts to ``predict_batch`` through the
-service's own client (``self.to_async``): inside the server that client calls the app in-process
-(no socket) through its HTTP route, where the batching dispatcher concatenates the texts of
-concurrent requests (splitting at max_batch_size texts) into one forward pass and hands each
-request its own rows back. A direct ``self.predict_batch.local(...)`` call would bypass batching.
-``/predict_batch`` is thus reachable too; it enforces the same limits.
+Adaptive batching (bento/batching.py): the texts of concurrent /classify requests share forward
+passes of up to serve.max_batch_size texts; an idle model starts at once. /metrics (Prometheus)
+has, besides BentoML's request figures, ``lmforge_batch_requests`` and ``lmforge_batch_texts``:
+requests and texts per forward pass.
 """
 
+from pathlib import Path
 from typing import Annotated
 
 import bentoml
+import numpy as np
+from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
 
-from bento.limits import BodyLimit, max_body_bytes
+from bento.batching import Batcher
+from bento.limits import RequestGuard, max_body_bytes, traffic
 
 
 class Args(BaseModel):
@@ -46,6 +49,7 @@ if INFO.get("task", "classification") != "classification":  # models packaged be
     raise RuntimeError(f"model {ARGS.model} is a {INFO['task']} model: serve it with "
                        "bento.generate:Generator")
 LIMITS = INFO["serve"]
+EXAMPLE = ["the kettle boils fast and looks great", "it broke after two days"]
 
 Text = Annotated[str, Field(max_length=LIMITS["max_chars"])]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=LIMITS["max_texts"])]
@@ -54,9 +58,16 @@ Texts = Annotated[list[Text], Field(min_length=1, max_length=LIMITS["max_texts"]
 class ClassifyRequest(BaseModel):
     """Body of POST /classify. Unknown keys are refused: a misspelled option must not pass silently."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"example": {"texts": EXAMPLE, "all_scores": False}})
     texts: Texts
     all_scores: bool = Field(False, description="Also return every class's probability.")
+
+
+class NoInput(BaseModel):
+    """Body of POST /metadata: none (an empty object)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {}})
 
 
 class Prediction(BaseModel):
@@ -71,51 +82,127 @@ def to_prediction(probs: list[float], labels: list[str], all_scores: bool) -> Pr
     return Prediction(label=labels[best], score=probs[best], scores=scores)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class TorchForward:
+    """The trained PyTorch weights (serve.runtime torch): logits of a tokenized batch."""
+
+    tensors = "pt"  # what the tokenizer returns for this runtime
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        if threads:
+            torch.set_num_threads(threads)
+        # Our own train output: plain data, never code, never pickle.
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False)
+        self.model.eval()
+
+    def __call__(self, batch) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(**batch).logits.float().numpy()  # (B, num_labels)
+
+
+class OnnxForward:
+    """Stage export's ONNX graph (serve.runtime onnx / onnx_int8) under onnxruntime: no torch."""
+
+    tensors = "np"
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path / INFO["onnx_file"]), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, batch) -> np.ndarray:
+        feed = {name: batch[name].astype(np.int64) for name in self.inputs}
+        return self.session.run(["logits"], feed)[0]
+
+
+def batch_metrics():
+    """on_batch for the Batcher: Prometheus histograms of requests and texts per forward pass.
+
+    prometheus_client is imported here, in the worker, after BentoML has pointed it at the
+    multiprocess store that /metrics reads (an import at module load would miss it).
+    """
+    from prometheus_client import Histogram
+
+    buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    requests = Histogram("lmforge_batch_requests", "Requests per forward pass", buckets=buckets)
+    texts = Histogram("lmforge_batch_texts", "Texts per forward pass", buckets=buckets)
+
+    def observe(n_requests: int, n_texts: int) -> None:
+        requests.observe(n_requests)
+        texts.observe(n_texts)
+
+    return observe
+
+
 # http.host: bind only the loopback interface unless the user passes --host / BENTOML_HOST.
-@bentoml.service(traffic={"timeout": 30}, http={"host": "127.0.0.1"})
+@bentoml.service(workers=LIMITS.get("workers", 1), traffic=traffic(LIMITS),
+                 http={"host": "127.0.0.1"})
 class Classifier:
     bento_model = MODEL  # a class attribute, so `bentoml build` puts the model into the Bento
 
     def __init__(self) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        path = self.bento_model.path
-        # Our own train output: plain data, never code, never pickle.
+        path = Path(self.bento_model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=False)
-        self.model.eval()
-        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        runtime = OnnxForward if INFO.get("runtime", "torch") != "torch" else TorchForward
+        self.forward = runtime(path, LIMITS.get("threads"))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        self.batcher = Batcher(self.probabilities, LIMITS["max_batch_size"],
+                               LIMITS["max_latency_ms"] / 1000, batch_metrics())
 
     @bentoml.api(input_spec=ClassifyRequest)
     async def classify(self, texts: list[str], all_scores: bool = False) -> list[Prediction]:
-        """Classify each text; results come in the order of `texts`."""
-        probs = await self.to_async.predict_batch(texts=texts)
+        """Classify each text; results come in the order of `texts`. A text over the model's
+        length is cut to it (serve.truncate true) or refused with 400 (false)."""
+        if not LIMITS.get("truncate", True):
+            self.refuse_long(texts)
+        probs = await self.batcher(texts)
         return [to_prediction(p, self.labels, all_scores) for p in probs]
 
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=LIMITS["max_batch_size"],
-        max_latency_ms=LIMITS["max_latency_ms"],
-    )
-    def predict_batch(self, texts: Texts) -> list[list[float]]:
-        """Class probabilities (label id order) per text; concurrent calls share a forward pass."""
-        import torch
+    def refuse_long(self, texts: list[str]) -> None:
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        over = [(i, n) for i, n in enumerate(lengths) if n > INFO["max_length"]]
+        if over:
+            listed = ", ".join(f"texts[{i}] has {n}" for i, n in over[:5])
+            raise InvalidArgument(f"{listed} tokens; this model reads at most {INFO['max_length']} "
+                                  "(serve.truncate is false)")
 
-        batch = self.tokenizer(
-            texts, truncation=True, max_length=INFO["max_length"], padding=True,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            logits = self.model(**batch).logits  # (B, num_labels)
-        return logits.softmax(dim=-1).tolist()
+    def probabilities(self, texts: list[str]) -> list[list[float]]:
+        """Class probabilities (label id order) per text, max_batch_size texts per forward pass;
+        runs in the batcher's thread."""
+        size, rows = LIMITS["max_batch_size"], []
+        for start in range(0, len(texts), size):
+            batch = self.tokenizer(
+                texts[start:start + size], truncation=True, max_length=INFO["max_length"],
+                padding=True, return_tensors=self.forward.tensors,
+            )
+            rows += softmax(self.forward(batch)).tolist()
+        return rows
 
-    @bentoml.api(route="/metadata")
+    @bentoml.api(route="/metadata", input_spec=NoInput)
     def metadata(self) -> dict:
-        """The model tag, its classes, lineage labels and serving limits."""
+        """The model tag, its classes, runtime, lineage labels and serving limits."""
         stored = self.bento_model
         return {"model_tag": str(stored.tag), "labels": self.labels,
-                "lineage": dict(stored.info.labels), "limits": LIMITS}
+                "runtime": INFO.get("runtime", "torch"), "lineage": dict(stored.info.labels),
+                "limits": LIMITS}
 
 
-Classifier.add_asgi_middleware(BodyLimit, max_bytes=max_body_bytes(LIMITS))
+Classifier.add_asgi_middleware(RequestGuard, max_bytes=max_body_bytes(LIMITS))

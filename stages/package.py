@@ -7,8 +7,10 @@ lineage as labels (MLflow run, git commit, data hash, params hash, validation ve
 and, in its metadata, what the service needs and a Bento cannot read from params.yaml: the task, the
 serving limits of ``params.serve``, and per task the classes and truncation length
 (classification, bento/service.py) or the prompt format, template and context length (causal_lm,
-bento/generate.py). The Bento's service follows the task: the bentofile's (bento.service:Classifier)
-for classification, bento.generate:Generator for causal_lm.
+bento/generate.py). With ``serve.runtime`` onnx / onnx_int8 the stored folder is stage export's
+(that graph, tokenizer, config) instead of the PyTorch weights. The Bento's service follows the
+task: the bentofile's (bento.service:Classifier) for classification, bento.generate:Generator for
+causal_lm.
 Writes ``paths.bento_info``: the Bento tag, the model tag and the lineage, for
 `bentoml serve <bento_tag>`, `lmforge lineage` and deployment scripts.
 """
@@ -112,10 +114,24 @@ def lineage(
     }
 
 
-def serve_metadata(params: Params, facts: dict, run_info: dict) -> dict:
+def onnx_file(params: Params) -> str:
+    """The file of stage export's folder that ``serve.runtime`` (onnx / onnx_int8) serves, checked
+    to exist; "" for runtime torch (BentoML metadata holds no None)."""
+    runtime, folder = params.serve.runtime, params.paths.export
+    if runtime == "torch":
+        return ""
+    manifest = read_json(folder / "export.json", "run `dvc repro export` first")
+    name = manifest.get("files", {}).get(runtime) if manifest.get("enabled") else None
+    if name is None or not (folder / name).is_file():
+        raise UserError(f"serve.runtime is {runtime}, but {folder} holds no {runtime} model "
+                        f"({folder / 'export.json'}): rerun `dvc repro export`")
+    return name
+
+
+def serve_metadata(params: Params, facts: dict, run_info: dict, onnx: str = "") -> dict:
     """What the service needs at start-up and cannot read from params.yaml inside a Bento.
 
-    ``facts``: model_facts of the train output.
+    ``facts``: model_facts of the train output; ``onnx``: onnx_file (the served graph, or "").
     """
     # classification truncates as in training; causal_lm cuts prompts to the context instead.
     trained = {"max_length": params.prepare.max_length} if params.task == "classification" else {}
@@ -123,19 +139,34 @@ def serve_metadata(params: Params, facts: dict, run_info: dict) -> dict:
         "task": params.task,
         **facts,
         **trained,
-        "serve": params.serve.model_dump(),
+        # BentoML metadata holds no None: an unset limit (max_concurrency, threads) is left out.
+        "serve": params.serve.model_dump(exclude_none=True),
+        "runtime": params.serve.runtime,
+        "onnx_file": onnx,
         # run.json from before redaction existed may still hold a password.
         "mlflow_tracking_uri": redact_uri(run_info.get("tracking_uri", "")),
     }
 
 
-def save_model(name: str, model_dir: Path, labels: dict[str, str], metadata: dict) -> str:
-    """Copy the model folder into a new store entry ``name:<version>``; return its tag."""
+def save_model(name: str, model_dir: Path, labels: dict[str, str], metadata: dict,
+               skip: tuple[str, ...] = ()) -> str:
+    """Copy the model folder, less the ``skip`` files, into a new store entry ``name:<version>``;
+    return its tag."""
     import bentoml
 
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        shutil.copytree(model_dir, model.path, dirs_exist_ok=True)
+        shutil.copytree(model_dir, model.path, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(*skip))
     return str(model.tag)
+
+
+def served_folder(params: Params, onnx: str) -> tuple[Path, tuple[str, ...]]:
+    """What goes into the store: the train output (runtime torch), or export's folder with only
+    the served graph (its tokenizer and config came from the train output)."""
+    if not onnx:
+        return params.paths.model, ()
+    return params.paths.export, tuple(f.name for f in params.paths.export.glob("*.onnx")
+                                      if f.name != onnx)
 
 
 def build_bento(
@@ -172,9 +203,10 @@ def main(params: Params | None = None) -> dict:
     validation = read_json(paths.validation, "run `dvc repro validate` first")
     tags = lineage(run_info, manifest, metrics, validation, params_hash(params), params.task)
 
-    model_tag = save_model(
-        params.package.model_name, paths.model, tags, serve_metadata(params, facts, run_info)
-    )
+    onnx = onnx_file(params)
+    folder, skip = served_folder(params, onnx)
+    model_tag = save_model(params.package.model_name, folder, tags,
+                           serve_metadata(params, facts, run_info, onnx), skip)
     overrides = LM_BENTO if params.task == "causal_lm" else None
     bento_tag = build_bento(params.package.bentofile, model_tag, {**tags, "model": model_tag},
                             overrides)

@@ -69,6 +69,12 @@ class Paths(Section):
     gate_report: Path = Field(
         Path("reports/gate.md"), description="Markdown report of `lmforge gate --against REV`."
     )
+    export: Path = Field(
+        Path("models/onnx"), description="Stage export: ONNX model(s), tokenizer, export.json."
+    )
+    export_report: Path = Field(
+        Path("metrics/export.json"), description="Export parity: metric deltas, size, latency."
+    )
 
 
 class SplitFractions(Section):
@@ -458,16 +464,32 @@ class Package(Section):
 
 
 class Serve(Section):
-    """The HTTP service's request limits and adaptive batching."""
+    """The HTTP service: request limits, adaptive batching, workers, timeouts, runtime.
 
-    max_texts: int = Field(64, ge=1, description="Most texts in one request.")
+    Travels in the packaged model's metadata (a Bento has no params.yaml): changing it repackages.
+    """
+
+    max_texts: int = Field(64, ge=1, description="Most texts (prompts) in one request.")
     max_chars: int = Field(2000, ge=1, description="Longest text accepted, in characters.")
     max_batch_size: int = Field(
-        64, ge=2, description="Adaptive batching: texts per model call (BentoML needs >= 2)."
+        64, ge=1, description="Adaptive batching: most texts per forward pass."
     )
-    max_latency_ms: int = Field(500, ge=1, description="Adaptive batching: longest wait.")
+    max_latency_ms: int = Field(
+        0, ge=0, description="Adaptive batching: how long a request may be held back for companions "
+        "while the model is idle (0: never; under load, batches fill with what queued meanwhile).")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="causal_lm: cap on a request's "
                                 "max_new_tokens.")
+    truncate: bool = Field(True, description="true: a text over the model's length (prepare."
+                           "max_length; causal_lm: the context) is cut; false: refused with 422.")
+    workers: int = Field(1, ge=1, description="Worker processes, each with its own model copy.")
+    timeout_s: int = Field(60, ge=1, description="A request running longer gets 504.")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Requests in flight (split across workers); more get 429 (null: no cap).")
+    threads: int | None = Field(None, ge=1, description="CPU threads per worker for the model "
+                                "(null: the cores BentoML gives the worker).")
+    runtime: Literal["torch", "onnx", "onnx_int8"] = Field(
+        "torch", description="classification: serve the PyTorch weights, or stage export's ONNX "
+        "model (fp32 or dynamic int8).")
 
 
 class Floor(Section):
@@ -518,6 +540,20 @@ class Gate(Section):
     )
 
 
+class Export(Section):
+    """Stage ``export``: an ONNX model for edge devices, scored against the PyTorch model."""
+
+    enabled: bool = Field(True, description="false: the stage only records that it is off.")
+    opset: int = Field(18, ge=14, le=23, description="ONNX opset of the exported graph.")
+    quantize: bool = Field(True, description="Also write a dynamic int8 model (weights int8).")
+    tolerances: dict[str, Tolerance] | None = Field(
+        None, description="Per-metric drop allowed against the PyTorch model on the test split; a "
+        "bigger drop fails the stage. null: the task's defaults (Params.export_tolerances).",
+    )
+    batch_size: int = Field(32, ge=1, description="Rows per forward pass when scoring.")
+    latency_repeats: int = Field(20, ge=1, description="Timed runs per latency figure.")
+
+
 # Top-level keys of paths.eval_metrics per task (what gate floors and tolerances may name).
 TASK_METRICS = {
     "classification": ("accuracy", "f1_macro", "f1_weighted", "loss", "n", "per_class"),
@@ -526,6 +562,8 @@ TASK_METRICS = {
 PAIR_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "generated")  # causal_lm on pairs only
 TASK_MONITORS = {"classification": ("val_loss", "val_accuracy", "val_f1_macro"),
                  "causal_lm": ("val_loss", "val_perplexity")}
+# What stage export scores for both models (stages/export.py); export.tolerances keys among them.
+EXPORT_METRICS = {"classification": ("accuracy", "f1_macro"), "causal_lm": ("perplexity",)}
 
 
 def task_problems(p: Params) -> list[str]:
@@ -558,6 +596,26 @@ def task_problems(p: Params) -> list[str]:
             if key.split(".")[0] not in known:
                 problems.append(f"gate.{section}.{key}: task {task} has no such metric; it has "
                                 f"{', '.join(known)}")
+    problems += export_problems(p)
+    return problems
+
+
+def export_problems(p: Params) -> list[str]:
+    """Export and ONNX-serving settings that do not fit the task or each other."""
+    problems, task = [], p.task
+    for key in p.export.tolerances or {}:
+        if key not in EXPORT_METRICS[task]:
+            problems.append(f"export.tolerances.{key}: the export stage scores {task} with "
+                            f"{', '.join(EXPORT_METRICS[task])} only")
+    runtime = p.serve.runtime
+    if runtime != "torch" and task != "classification":
+        problems.append(f"serve.runtime: '{runtime}' serves classification models; a causal LM "
+                        "is served with torch (generation from ONNX needs a KV-cache export)")
+    if runtime != "torch" and not p.export.enabled:
+        problems.append(f"serve.runtime: '{runtime}' serves stage export's model, but "
+                        "export.enabled is false")
+    if runtime == "onnx_int8" and not p.export.quantize:
+        problems.append("serve.runtime: 'onnx_int8' needs export.quantize: true")
     return problems
 
 
@@ -578,8 +636,19 @@ class Params(Section):
     package: Package = Package()
     serve: Serve = Serve()
     gate: Gate = Gate()
+    export: Export = Export()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def export_tolerances(self) -> dict[str, Tolerance]:
+        """export.tolerances, or the task's defaults: int8 weights may move accuracy and F1 by a
+        point, perplexity by 5%."""
+        if self.export.tolerances is not None:
+            return self.export.tolerances
+        if self.task == "causal_lm":
+            return {"perplexity": Tolerance(direction="lower", rel=0.05)}
+        return {"accuracy": Tolerance(direction="higher", abs=0.01),
+                "f1_macro": Tolerance(direction="higher", abs=0.01)}
 
     @model_validator(mode="after")
     def _fits_task(self) -> Params:

@@ -115,7 +115,8 @@ def test_main_stores_model_with_lineage_and_builds_bento(
     assert model.info.labels["params_sha256"] == lineage.params_hash(params) == info["params_sha256"]
     assert model.info.labels["validation_passed"] == "true"
     meta = model.info.metadata
-    assert meta["serve"] == params.serve.model_dump()
+    assert meta["serve"] == params.serve.model_dump(exclude_none=True)
+    assert meta["runtime"] == "torch" and meta["onnx_file"] == ""
     assert meta["labels"] == LABELS and meta["max_length"] == params.prepare.max_length
     stored = Path(model.path)
     assert {"config.json", "model.safetensors", "tokenizer.json", "labels.json"} <= {
@@ -152,7 +153,8 @@ def test_causal_lm_is_packaged_with_its_prompt_format_for_the_generator(tmp_path
     meta = model.info.metadata
     assert meta["task"] == "causal_lm" and meta["format"] == "pairs" and meta["template"] == TEMPLATE
     assert meta["context"] == 64  # the config's n_positions
-    assert meta["serve"] == params.serve.model_dump() and meta["serve"]["max_new_tokens"] == 16
+    assert meta["serve"] == params.serve.model_dump(exclude_none=True)
+    assert meta["serve"]["max_new_tokens"] == 16
     assert "labels" not in meta and "max_length" not in meta
     labels = model.info.labels
     assert labels["test_perplexity"] == "123.4560"

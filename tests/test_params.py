@@ -189,3 +189,20 @@ def test_scratch_is_refused_for_classification_and_pair_columns_go_together():
         parse_params({"prepare": {"template": "no slot"}})
     with pytest.raises(UserError, match=r"model.scratch: .*hidden \(100\) must be a multiple of heads"):
         parse_params({**LM, "model": {"source": "scratch", "scratch": {"hidden": 100, "heads": 3}}})
+
+
+def test_export_tolerances_follow_the_task_and_onnx_serving_needs_its_export():
+    assert set(parse_params({}).export_tolerances()) == {"accuracy", "f1_macro"}
+    assert set(parse_params(LM).export_tolerances()) == {"perplexity"}
+    with pytest.raises(UserError) as err:
+        parse_params({**LM, "export": {"tolerances": {"accuracy": {"direction": "higher"}}},
+                      "serve": {"runtime": "onnx"}})
+    msg = str(err.value)
+    assert "export.tolerances.accuracy: the export stage scores causal_lm with perplexity only" in msg
+    assert "serve.runtime: 'onnx' serves classification models" in msg
+    with pytest.raises(UserError, match=r"serve.runtime: 'onnx' serves stage export's model, but "
+                                         r"export.enabled is false"):
+        parse_params({"export": {"enabled": False}, "serve": {"runtime": "onnx"}})
+    with pytest.raises(UserError, match=r"serve.runtime: 'onnx_int8' needs export.quantize: true"):
+        parse_params({"export": {"quantize": False}, "serve": {"runtime": "onnx_int8"}})
+    assert parse_params({"serve": {"runtime": "onnx_int8"}}).serve.runtime == "onnx_int8"
