@@ -61,21 +61,33 @@ def model_labels(config, data_labels: list[str], folder: Path) -> list[str]:
 def predict_logits(model, tokenizer, rows: list[dict], batch_size: int) -> np.ndarray:
     """Logits (N, C) for encoded rows (input_ids etc. of varying length), in the rows' order.
 
-    Rows are batched by length so each batch pads to a similar size; logits, not probabilities, so
-    the loss stays exact when a softmax would underflow to 0.
+    Logits, not probabilities, so the loss stays exact when a softmax would underflow to 0.
     """
     import torch
 
-    keys = [k for k in tokenizer.model_input_names if rows and k in rows[0]]
     device = next(model.parameters()).device
-    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
-    logits = np.zeros((len(rows), model.config.num_labels), dtype=np.float32)
+
+    def forward(batch) -> np.ndarray:
+        return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+
     with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            idx = order[start : start + batch_size]
-            batch = tokenizer.pad([{k: rows[i][k] for k in keys} for i in idx], return_tensors="pt")
-            out = model(**{k: v.to(device) for k, v in batch.items()}).logits  # (B, C)
-            logits[idx] = out.float().cpu().numpy()  # back to the rows' own order
+        return batched_logits(forward, tokenizer, rows, batch_size, model.config.num_labels)
+
+
+def batched_logits(forward, tokenizer, rows: list[dict], batch_size: int, width: int,
+                   tensors: str = "pt") -> np.ndarray:
+    """forward's logits (N, width) for encoded rows, in the rows' order, whatever runs the model.
+
+    Rows are batched by length so each batch pads to a similar size; ``forward`` gets the padded
+    batch (``tokenizer.pad`` output as ``tensors``: "pt" for PyTorch, "np" for onnxruntime).
+    """
+    keys = [k for k in tokenizer.model_input_names if rows and k in rows[0]]
+    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+    logits = np.zeros((len(rows), width), dtype=np.float32)
+    for start in range(0, len(rows), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenizer.pad([{k: rows[i][k] for k in keys} for i in idx], return_tensors=tensors)
+        logits[idx] = forward(batch)  # (B, C), back to the rows' own order
     return logits
 
 

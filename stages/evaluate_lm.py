@@ -74,20 +74,31 @@ def sequence_nll(model, rows: list[dict], batch_size: int, pad_id: int) -> tuple
     """Per row, the summed NLL (nats) of its target tokens and how many there are, in row order.
 
     Targets are the shifted labels that are not -100 (the prompt of a pair, and padding, are not);
-    the same count as train's val_loss (lm.token_nll). Rows are batched by length, as in
-    classification, so a batch pads little.
+    the same count as train's val_loss (lm.token_nll).
     """
     dev = next(model.parameters()).device
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+
+    return rows_nll(forward, rows, batch_size, pad_id)
+
+
+def rows_nll(forward, rows: list[dict], batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """sequence_nll with any runner: ``forward(input_ids, attention_mask)`` gives logits (B, T, V).
+
+    Rows are batched by length, as in classification, so a batch pads little.
+    """
     order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
     nll, tokens = np.zeros(len(rows)), np.zeros(len(rows), dtype=np.int64)
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
             idx = order[start : start + batch_size]
-            batch = {k: v.to(dev) for k, v in pad_right([rows[i] for i in idx], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits  # (B, T, V)
+            batch = pad_right([rows[i] for i in idx], pad_id)
+            logits = forward(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+            labels = batch["labels"].to(logits.device)
             for j, i in enumerate(idx):
-                row_nll, row_tokens = lm.token_nll(logits[j : j + 1], batch["labels"][j : j + 1])
+                row_nll, row_tokens = lm.token_nll(logits[j : j + 1], labels[j : j + 1])
                 nll[i], tokens[i] = row_nll.item(), row_tokens.item()
     return nll, tokens
 

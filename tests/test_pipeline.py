@@ -53,8 +53,9 @@ def set_params(repo: Path, **sections: dict) -> None:
 
 
 def tiny_repo(dest: Path, tiny_model_dir: Path, n_per_class: int = 12, seed: int = 3,
-              **train) -> Path:
-    """A copy of the repo on tiny params: the tiny BERT, a make_rows CSV, a few steps, floors off."""
+              export: bool = False, **train) -> Path:
+    """A copy of the repo on tiny params: the tiny BERT, a make_rows CSV, a few steps, floors off,
+    stage export off unless asked for (it adds ~10 s to every full repro)."""
     repo = copy_repo(dest)
     make_rows(n_per_class=n_per_class, seed=seed).to_csv(repo / "data/tiny.csv", index=False)
     set_params(
@@ -65,6 +66,9 @@ def tiny_repo(dest: Path, tiny_model_dir: Path, n_per_class: int = 12, seed: int
         train={"batch_size": 8, "max_epochs": 1, "learning_rate": 1e-3, "log_every_n_steps": 1,
                **train},
         gate={"floors": {"accuracy": {"min": 0.0}}},  # a tiny model on few rows: any score passes
+        # int8 may flip a near-tie of the tiny model on its 9 test rows (0.11 each): the stage's
+        # tolerance checks are tests/test_export.py's; here it must run end to end.
+        export={"enabled": export, "tolerances": {"accuracy": {"direction": "higher", "abs": 0.5}}},
     )
     return repo
 
@@ -119,7 +123,8 @@ def test_repro_runs_the_data_stages_then_stops_on_bad_data(repo):
 
 
 def test_full_repro_trains_evaluates_tracks_and_packages(tmp_path, tiny_model_dir):
-    repo = tiny_repo(tmp_path / "repo", tiny_model_dir, max_epochs=2)
+    repo = tiny_repo(tmp_path / "repo", tiny_model_dir, export=True, max_epochs=2)
+    set_params(repo, serve={"runtime": "onnx_int8", "truncate": False})  # serve export's int8 model
     home = tmp_path / "bentoml"
     run = dvc(repo, "repro", BENTOML_HOME=str(home))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -155,3 +160,31 @@ def test_full_repro_trains_evaluates_tracks_and_packages(tmp_path, tiny_model_di
                          env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True)
     assert got.returncode == 0, got.stderr
     assert info["model_tag"] in got.stdout
+
+    # Stage export ran after evaluate; the store holds its int8 graph (no PyTorch weights), which
+    # `bentoml serve` runs under onnxruntime.
+    parity = json.loads((repo / "metrics/export.json").read_text())
+    assert parity["enabled"] and parity["rows"] == 9
+    assert parity["torch"]["accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert parity["onnx"]["agreement"] == 1.0 and "delta" in parity["onnx_int8"]
+    assert {"model.onnx", "model.int8.onnx", "export.json"} <= set(os.listdir(repo / "models/onnx"))
+    stored = home / "models" / Path(*info["model_tag"].split(":"))  # the store's layout
+    assert (stored / "model.int8.onnx").exists()
+    assert not list(stored.glob("*.safetensors")) and not (stored / "model.onnx").exists()
+    assert_serves_onnx_and_refuses_long_texts(repo, home, info["model_tag"])
+
+
+def assert_serves_onnx_and_refuses_long_texts(repo: Path, home: Path, model_tag: str) -> None:
+    import httpx
+
+    from tests.test_service import serving
+
+    with serving("bento.service:Classifier", home, repo, repo / "serve.log",
+                 args=("--arg", f"model={model_tag}")) as url:
+        meta = httpx.post(f"{url}/metadata", timeout=10).json()
+        short = httpx.post(f"{url}/classify", json={"texts": ["great kettle"]}, timeout=30)
+        long = httpx.post(f"{url}/classify", json={"texts": ["ok", "7 " * 40]}, timeout=30)
+    assert meta["runtime"] == "onnx_int8" and meta["limits"]["truncate"] is False
+    assert short.status_code == 200 and short.json()[0]["label"] in meta["labels"]
+    assert long.status_code == 400, long.text  # serve.truncate false: 42 tokens > max_length 32
+    assert "texts[1] has 42 tokens; this model reads at most 32" in long.text

@@ -55,15 +55,17 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @contextmanager
-def serving(target: str, home: Path, cwd: Path, log: Path, host: str | None = "127.0.0.1"):
-    """Run `bentoml serve <target>` on a free 127.0.0.1 port; yield its URL; kill it on exit.
+def serving(target: str, home: Path, cwd: Path, log: Path, host: str | None = "127.0.0.1",
+            args: tuple[str, ...] = ()):
+    """Run `bentoml serve <target> <args>` on a free 127.0.0.1 port; yield its URL; kill it on exit.
 
     ``host=None`` passes no --host: the service's own default binding applies.
     """
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("BENTOML_HOST", None)
-    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", target, "--port", str(port)]
+    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", target, *args,
+           "--port", str(port)]
     cmd += ["--host", host] if host else []
     with log.open("w") as out:
         # A session of its own: the teardown kills BentoML's worker processes with it.
