@@ -202,3 +202,6 @@ class Generator:
 
 # Same bound as the classifier's: max_texts prompts of max_chars, plus a few small options.
 Generator.add_asgi_middleware(RequestGuard, max_bytes=max_body_bytes(LIMITS))
+# As in bento/service.py: name the list response's media type once instead of BentoML deriving it
+# from a freshly built JSON schema on every response.
+Generator.apis["generate"].output_spec.media_type = "application/json"

@@ -28,7 +28,7 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
 
-from bento.batching import Batcher
+from bento.batching import Batcher, length_chunks
 from bento.limits import RequestGuard, max_body_bytes, traffic
 
 
@@ -185,15 +185,16 @@ class Classifier:
                                   "(serve.truncate is false)")
 
     def probabilities(self, texts: list[str]) -> list[list[float]]:
-        """Class probabilities (label id order) per text, max_batch_size texts per forward pass;
-        runs in the batcher's thread."""
-        size, rows = LIMITS["max_batch_size"], []
-        for start in range(0, len(texts), size):
-            batch = self.tokenizer(
-                texts[start:start + size], truncation=True, max_length=INFO["max_length"],
-                padding=True, return_tensors=self.forward.tensors,
-            )
-            rows += softmax(self.forward(batch)).tolist()
+        """Class probabilities (label id order) per text, in forward passes of texts of similar
+        length (bento/batching.py length_chunks); runs in the batcher's thread."""
+        encode = {"truncation": True, "max_length": INFO["max_length"]}
+        lengths = [len(ids) for ids in self.tokenizer(texts, **encode)["input_ids"]]
+        rows: list = [None] * len(texts)
+        for chunk in length_chunks(lengths, LIMITS["max_batch_size"]):
+            batch = self.tokenizer([texts[i] for i in chunk], padding=True,
+                                   return_tensors=self.forward.tensors, **encode)
+            for i, probs in zip(chunk, softmax(self.forward(batch)), strict=True):
+                rows[i] = probs.tolist()
         return rows
 
     @bentoml.api(route="/metadata", input_spec=NoInput)
@@ -206,3 +207,7 @@ class Classifier:
 
 
 Classifier.add_asgi_middleware(RequestGuard, max_bytes=max_body_bytes(LIMITS))
+# BentoML works out the response's media type from the output model's JSON schema, built anew for
+# every response of an API returning a list (a root model): ~10% of the event loop's time per
+# request in a profile at concurrency 1. Naming it once skips that.
+Classifier.apis["classify"].output_spec.media_type = "application/json"

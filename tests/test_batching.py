@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bento.batching import Batcher
+from bento.batching import MAX_PADDING, Batcher, length_chunks
 
 
 class SlowUpper:
@@ -111,3 +111,15 @@ def test_max_delay_holds_an_idle_model_back_for_companions(delay):
 
     assert run(staggered()) == [["A"], ["B"]]
     assert forward.batches == [["a", "b"]]
+
+
+def test_length_chunks_group_similar_lengths_and_cover_every_text_once():
+    lengths = [30, 5, 6, 31, 5, 29, 60, 6]
+    chunks = length_chunks(lengths, max_size=8)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    assert chunks == [[1, 4, 2, 7], [5, 0, 3], [6]]  # 5-6 tokens, 29-31, and 60 alone
+    for chunk in chunks:  # padding to the chunk's longest stays within MAX_PADDING of real tokens
+        real = sum(lengths[i] for i in chunk)
+        assert len(chunk) * max(lengths[i] for i in chunk) <= (1 + MAX_PADDING) * real
+    assert [len(c) for c in length_chunks([7] * 10, max_size=4)] == [4, 4, 2]
+    assert length_chunks([], max_size=4) == []
