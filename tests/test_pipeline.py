@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -124,7 +125,8 @@ def test_repro_runs_the_data_stages_then_stops_on_bad_data(repo):
 
 def test_full_repro_trains_evaluates_tracks_and_packages(tmp_path, tiny_model_dir):
     repo = tiny_repo(tmp_path / "repo", tiny_model_dir, export=True, max_epochs=2)
-    set_params(repo, serve={"runtime": "onnx_int8", "truncate": False})  # serve export's int8 model
+    # Serve export's int8 graph, refuse over-long texts, two worker processes.
+    set_params(repo, serve={"runtime": "onnx_int8", "truncate": False, "workers": 2})
     home = tmp_path / "bentoml"
     run = dvc(repo, "repro", BENTOML_HOME=str(home))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -174,6 +176,21 @@ def test_full_repro_trains_evaluates_tracks_and_packages(tmp_path, tiny_model_di
     assert_serves_onnx_and_refuses_long_texts(repo, home, info["model_tag"])
 
 
+def service_workers(port: int) -> list:
+    """BentoML's worker processes serving ``port``: each holds the listening socket it was given."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "_bentoml_impl.worker.service" not in " ".join(proc.info["cmdline"] or []):
+            continue
+        with contextlib.suppress(psutil.Error):
+            if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                   for c in proc.net_connections(kind="tcp")):
+                found.append(proc)
+    return found
+
+
 def assert_serves_onnx_and_refuses_long_texts(repo: Path, home: Path, model_tag: str) -> None:
     import httpx
 
@@ -181,6 +198,7 @@ def assert_serves_onnx_and_refuses_long_texts(repo: Path, home: Path, model_tag:
 
     with serving("bento.service:Classifier", home, repo, repo / "serve.log",
                  args=("--arg", f"model={model_tag}")) as url:
+        assert len(service_workers(int(url.rsplit(":", 1)[1]))) == 2  # serve.workers
         meta = httpx.post(f"{url}/metadata", timeout=10).json()
         short = httpx.post(f"{url}/classify", json={"texts": ["great kettle"]}, timeout=30)
         long = httpx.post(f"{url}/classify", json={"texts": ["ok", "7 " * 40]}, timeout=30)
