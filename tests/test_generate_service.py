@@ -249,3 +249,17 @@ def test_the_classifier_refuses_a_causal_lm(packaged):
                           env={**os.environ, "BENTOML_HOME": str(home)}, timeout=120)
     assert done.returncode != 0
     assert "is a causal_lm model: serve it with bento.generate:Generator" in done.stderr
+
+
+def test_with_truncate_false_a_prompt_over_the_context_is_refused(packaged):
+    params, home, _ = packaged
+    strict = params.model_copy(update={"serve": params.serve.model_copy(update={"truncate": False})})
+    tag = package_tiny(strict, home)["model_tag"]
+    with serving("bento.generate:Generator", home, REPO, home.parent / "serve_strict.log",
+                 args=("--arg", f"model={tag}")) as url:
+        long = post(url, "/generate", {"prompts": ["fine", "x y " * 75], "max_new_tokens": MAX_NEW})
+        short = post(url, "/generate", {"prompts": ["fine"], "max_new_tokens": MAX_NEW})
+    assert long.status_code == 400, long.text
+    assert "prompt 1 has" in long.text and f"leaves {CONTEXT - MAX_NEW}" in long.text
+    assert "prompt 0" not in long.text  # only the prompts over the budget are named
+    assert short.status_code == 200, short.text
