@@ -187,7 +187,7 @@ def soak(args: argparse.Namespace, log: Path) -> dict:
         kinds = malformed_kinds(limits, body_limit_of(limits))
         not_4xx = probe(server.url, kinds, args.timeout)
         mix = Mix(texts, kinds, args.seconds)
-        # One at a time first (BentoML's batching dispatcher fits its latency model), then in parallel.
+        # One at a time, then in parallel: both paths of the batcher are warm before memory is read.
         warm = [mix.good() for _ in range(args.warmup)]
         for c in (1, args.concurrency):
             run_fixed(server.url, warm, c, args.timeout)

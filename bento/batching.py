@@ -44,7 +44,7 @@ class Batcher:
     """``await batcher(texts)`` -> one result per text, computed by ``forward(texts)`` in a worker
     thread together with the texts of other requests waiting at the same time.
 
-    ``on_batch(requests, texts)`` is called for every forward pass (metrics).
+    ``on_batch(requests, texts)`` is called for every batch handed to ``forward`` (metrics).
     """
 
     def __init__(self, forward: Callable[[list[str]], list], max_batch_size: int,

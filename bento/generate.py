@@ -96,7 +96,7 @@ class Generation(BaseModel):
 
 
 # http.host: bind only the loopback interface unless the user passes --host / BENTOML_HOST.
-@bentoml.service(workers=LIMITS.get("workers", 1), traffic=traffic({"timeout_s": TIMEOUT_S, **LIMITS}),
+@bentoml.service(workers=LIMITS.get("workers", 1), traffic=traffic({**LIMITS, "timeout_s": TIMEOUT_S}),
                  http={"host": "127.0.0.1"})
 class Generator:
     bento_model = MODEL  # a class attribute, so `bentoml build` puts the model into the Bento

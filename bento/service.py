@@ -17,7 +17,7 @@ config). A text over the model's length is cut (serve.truncate) or refused with 
 Adaptive batching (bento/batching.py): the texts of concurrent /classify requests share forward
 passes of up to serve.max_batch_size texts; an idle model starts at once. /metrics (Prometheus)
 has, besides BentoML's request figures, ``lmforge_batch_requests`` and ``lmforge_batch_texts``:
-requests and texts per forward pass.
+requests and texts per batch (which probabilities() may run as several length-sorted passes).
 """
 
 from pathlib import Path
@@ -131,7 +131,7 @@ class OnnxForward:
 
 
 def batch_metrics():
-    """on_batch for the Batcher: Prometheus histograms of requests and texts per forward pass.
+    """on_batch for the Batcher: Prometheus histograms of requests and texts per batch.
 
     prometheus_client is imported here, in the worker, after BentoML has pointed it at the
     multiprocess store that /metrics reads (an import at module load would miss it).
@@ -139,8 +139,8 @@ def batch_metrics():
     from prometheus_client import Histogram
 
     buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    requests = Histogram("lmforge_batch_requests", "Requests per forward pass", buckets=buckets)
-    texts = Histogram("lmforge_batch_texts", "Texts per forward pass", buckets=buckets)
+    requests = Histogram("lmforge_batch_requests", "Requests per batch", buckets=buckets)
+    texts = Histogram("lmforge_batch_texts", "Texts per batch", buckets=buckets)
 
     def observe(n_requests: int, n_texts: int) -> None:
         requests.observe(n_requests)

@@ -480,7 +480,7 @@ class Serve(Section):
     max_new_tokens: int = Field(128, ge=1, le=4096, description="causal_lm: cap on a request's "
                                 "max_new_tokens.")
     truncate: bool = Field(True, description="true: a text over the model's length (prepare."
-                           "max_length; causal_lm: the context) is cut; false: refused with 422.")
+                           "max_length; causal_lm: the context) is cut; false: refused with 400.")
     workers: int = Field(1, ge=1, description="Worker processes, each with its own model copy.")
     timeout_s: int = Field(60, ge=1, description="A request running longer gets 504.")
     max_concurrency: int | None = Field(
