@@ -123,7 +123,8 @@ class Generator:
         max_new_tokens room (serve.truncate true) or refused with 400 when over it (false)."""
         import torch
 
-        texts = [format_prompt(p, INFO["format"], INFO["template"]) for p in prompts]
+        template = INFO["template"] if INFO["format"] == "pairs" else None
+        texts = [format_prompt(p, template) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         budget = INFO["context"] - max_new_tokens
         over = [(i, len(r)) for i, r in enumerate(ids) if len(r) > budget]

@@ -1,15 +1,19 @@
 """How bento/generate.py turns prompts into token rows and generated ids into answers.
 
 Pure functions (no model, no BentoML, no store lookup at import), so tests call them directly.
-They mirror stages/prepare.py: a pairs model saw ``template`` around each prompt, and tokens were
-made with add_special_tokens=False.
+They mirror stage prepare: a pairs model saw ``template`` around each prompt, and tokens were made
+with add_special_tokens=False. ``format_prompt`` is the one definition of the prompt contract:
+lmforge/causal_lm/data.py imports it from here, so training and serving cannot diverge.
 """
 
 
-def format_prompt(prompt: str, fmt: str, template: str | None) -> str:
-    """The text the model continues: for ``fmt`` "pairs" the prompt inside the training template
-    (its one ``{prompt}`` slot; other braces stay as written), for "text" the prompt itself."""
-    return template.replace("{prompt}", prompt) if fmt == "pairs" else prompt
+def format_prompt(prompt: str, template: str | None) -> str:
+    """The text the model continues: the prompt inside the training template (its one ``{prompt}``
+    slot), or the prompt itself for a plain-text model (template None).
+
+    A plain replace, not ``str.format``: braces elsewhere in the template are text, not fields.
+    """
+    return prompt if template is None else template.replace("{prompt}", prompt)
 
 
 def fit_context(ids: list[int], budget: int, start_id: int) -> list[int]:

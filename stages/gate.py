@@ -14,9 +14,9 @@ version instead of adding a duplicate.
 
 from __future__ import annotations
 
-from stages import tracking
-from stages.common import UserError, read_json, run_main, write_json
-from stages.params import Floor, Params, load_params
+from lmforge import tracking
+from lmforge.common import UserError, is_number, read_json, run_main, write_json
+from lmforge.params import Floor, Params, load_params
 
 # Run tags that say where a model comes from; copied onto its registry version.
 LINEAGE_TAGS = ("git.commit", "git.branch", "git.dirty", "data.sha256", "dvc.exp_name")
@@ -32,10 +32,6 @@ def flatten(metrics: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[name] = value
     return flat
-
-
-def is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_floor(value: object, floor: Floor) -> dict:

@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.cleaning import LM, clean_table, labels_as_strings, row_key, text_columns
-from stages.common import SPLITS, UserError, run_main, sha256_of, write_json
-from stages.params import Data, Params, load_params
-from stages.sources import HF_PREFIX, delimiter_hint, load_source
+from lmforge.common import SPLITS, UserError, replace_dir, run_main, sha256_of, write_json
+from lmforge.data.cleaning import clean_table, labels_as_strings, row_key, text_columns
+from lmforge.data.sources import HF_PREFIX, delimiter_hint, load_source
+from lmforge.params import Data, Params, load_params
+from lmforge.tasks import CAUSAL_LM, CLASSIFICATION
 
 
-def check_columns(df: pd.DataFrame, where: str, data: Data, task: str = "classification") -> None:
-    wanted = text_columns(data, task) | ({} if task == LM else {"data.label_column": data.label_column})
+def check_columns(df: pd.DataFrame, where: str, data: Data, task: str = CLASSIFICATION) -> None:
+    label = {} if task == CAUSAL_LM else {"data.label_column": data.label_column}
+    wanted = text_columns(data, task) | label
     missing = {key: c for key, c in wanted.items() if c not in df.columns}
     if missing:
         found = list(map(str, df.columns))
@@ -92,7 +94,7 @@ def require_carved(
     """A carved split can round to 0 rows when the data is small: say so before train fails."""
     for split, frac in fractions.items():
         if len(splits[split]) == 0:
-            if task == LM:
+            if task == CAUSAL_LM:
                 what = f"of {len(base)} rows (after cleaning) rounds to 0 rows"
             else:
                 per_class = base[data.label_column].value_counts(dropna=False).to_dict()
@@ -108,7 +110,7 @@ def clean_one(df: pd.DataFrame, name: str, data: Data, task: str) -> tuple[pd.Da
     """Check and clean one table read from the source; causal_lm keeps only its text columns."""
     where = df.attrs.get("path") or f"{data.source} [{name}]"
     check_columns(df, where, data, task)
-    if task == LM:
+    if task == CAUSAL_LM:
         df = df[list(text_columns(data, task).values())]
     else:
         labels = labels_as_strings(df[data.label_column], f"{where} column '{data.label_column}'")
@@ -120,7 +122,7 @@ def clean_one(df: pd.DataFrame, name: str, data: Data, task: str) -> tuple[pd.Da
 
 
 def make_splits(
-    tables: dict[str, pd.DataFrame], data: Data, task: str = "classification"
+    tables: dict[str, pd.DataFrame], data: Data, task: str = CLASSIFICATION
 ) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, int]]]:
     """Check, clean and complete the splits; return them with the dropped counts per table."""
     cleaned, dropped = {}, {}
@@ -130,7 +132,7 @@ def make_splits(
     if base is None:
         base = cleaned.pop("train")
     missing = {s: getattr(data.split, s) for s in ("validation", "test") if s not in cleaned}
-    if task == LM:
+    if task == CAUSAL_LM:
         carved = random_split(base, missing, data.seed)
     else:
         carved = stratified_split(base, data.label_column, missing, data.seed)
@@ -141,14 +143,14 @@ def make_splits(
 
 def build_manifest(
     splits: dict[str, pd.DataFrame], dropped: dict[str, dict[str, int]], data: Data, digest: str,
-    task: str = "classification",
+    task: str = CLASSIFICATION,
 ) -> dict:
     """The data manifest: numbers a reviewer diffs between branches (`dvc metrics diff`).
 
     Classification counts rows per label; causal_lm has no labels and counts characters per split.
     """
     rows = {s: len(df) for s, df in splits.items()}
-    if task == LM:
+    if task == CAUSAL_LM:
         columns = list(text_columns(data, task).values())
         chars = {s: int(sum(df[c].str.len().sum() for c in columns)) for s, df in splits.items()}
         detail = {"chars": {**chars, "total": sum(chars.values())}}
@@ -177,24 +179,6 @@ def write_splits(splits: dict[str, pd.DataFrame], out_dir: Path) -> None:
         df.to_parquet(out_dir / f"{name}.parquet", index=False)
 
 
-def staging(dest: Path) -> Path:
-    """An empty folder beside dest (same filesystem: moving it into place is a rename)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-write
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def swap_in(tmp: Path, dest: Path) -> None:
-    """Replace dest by the fully written tmp; a crash in between leaves dest or .dest.old, never half."""
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def main(params: Params | None = None) -> dict:
     params = params or load_params()
     data, paths = params.data, params.paths
@@ -202,12 +186,10 @@ def main(params: Params | None = None) -> dict:
     splits, dropped = make_splits(tables, data, params.task)  # all checks pass before any write
     # dvc.yaml persists these outputs, so a failed run leaves the last good ones in place; new ones
     # are written aside and swapped in only once complete.
-    raw, interim = staging(paths.raw), staging(paths.interim)
-    copy_raw(data, tables, raw)
-    write_splits(splits, interim)
-    manifest = build_manifest(splits, dropped, data, sha256_of(raw), params.task)
-    swap_in(raw, paths.raw)
-    swap_in(interim, paths.interim)
+    with replace_dir(paths.raw) as raw, replace_dir(paths.interim) as interim:
+        copy_raw(data, tables, raw)
+        write_splits(splits, interim)
+        manifest = build_manifest(splits, dropped, data, sha256_of(raw), params.task)
     write_json(paths.manifest, manifest)
     n_dropped = sum(sum(d.values()) for d in dropped.values())
     print(f"ingest: {manifest['rows']} rows, {n_dropped} dropped {dropped} -> {paths.interim}")

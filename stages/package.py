@@ -24,14 +24,12 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import UserError, read_json, require_safetensors, run_main, write_json
-from stages.lineage import PAIR_TEST_METRICS, TEST_METRICS, params_hash
-from stages.params import Params, load_params
-from stages.tracking import lineage_tags, redact_uri
+from lmforge.common import UserError, read_json, run_main, write_json
+from lmforge.models import require_safetensors
+from lmforge.params import Params, load_params
+from lmforge.tasks import CAUSAL_LM, CLASSIFICATION, task
+from lmforge.tracking import lineage_tags, params_hash, redact_uri
 
-# The causal_lm Bento: the bentofile's recipe with another service (and description).
-LM_BENTO = {"service": "bento.generate:Generator",
-            "description": "lmforge causal LM: POST /generate, POST /generate_stream, POST /metadata"}
 # config.json keys holding a causal LM's positions, across architectures (GPT-2: n_positions).
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 
@@ -76,32 +74,32 @@ def lm_settings(model_dir: Path) -> dict:
     return {"format": fmt, "template": template or "", "context": context}
 
 
-def model_facts(task: str, model_dir: Path) -> dict:
+def model_facts(kind: str, model_dir: Path) -> dict:
     """What the service learns from the train output (classes, or prompt format and context),
-    after checking the folder is complete for ``task``."""
-    if task == "causal_lm":
+    after checking the folder is complete for ``kind``."""
+    if kind == CAUSAL_LM:
         return lm_settings(model_dir)
     return {"labels": model_label_names(model_dir)}
 
 
 def lineage(
     run_info: dict, manifest: dict, metrics: dict, validation: dict, params_sha256: str,
-    task: str = "classification",
+    kind: str = CLASSIFICATION,
 ) -> dict[str, str]:
     """Where the model comes from: run, code, data, params, and how it scored on the test split.
 
-    ``params_sha256`` is stages.lineage.params_hash, so `lmforge lineage` can match the store's
-    model against the workspace's params.yaml. The test metrics are TEST_METRICS[task], plus BLEU
-    and ROUGE-L for a causal LM on pairs.
+    ``params_sha256`` is tracking.params_hash, so `lmforge lineage` can match the store's model
+    against the workspace's params.yaml. The test metrics are the task's headline metrics, plus
+    BLEU and ROUGE-L for a causal LM on pairs.
     """
-    required = TEST_METRICS[task]
+    required = task(kind).headline
     missing = [k for k in required if k not in metrics]
     if missing:
         raise UserError(f"eval metrics lack {missing}: rerun `dvc repro evaluate`")
     if not isinstance(validation.get("success"), bool):
         raise UserError("the validation verdict lacks 'success': rerun `dvc repro validate`")
     git = lineage_tags(manifest["source_sha256"])
-    extra = tuple(k for k in PAIR_TEST_METRICS if task == "causal_lm" and k in metrics)
+    extra = tuple(k for k in task(kind).pair_headline if k in metrics)
     return {
         "mlflow_run_id": run_info["run_id"],
         "mlflow_experiment_id": str(run_info.get("experiment_id", "")),
@@ -134,7 +132,7 @@ def serve_metadata(params: Params, facts: dict, run_info: dict, onnx: str = "") 
     ``facts``: model_facts of the train output; ``onnx``: onnx_file (the served graph, or "").
     """
     # classification truncates as in training; causal_lm cuts prompts to the context instead.
-    trained = {"max_length": params.prepare.max_length} if params.task == "classification" else {}
+    trained = {"max_length": params.prepare.max_length} if params.task == CLASSIFICATION else {}
     return {
         "task": params.task,
         **facts,
@@ -169,12 +167,22 @@ def served_folder(params: Params, onnx: str) -> tuple[Path, tuple[str, ...]]:
                                       if f.name != onnx)
 
 
+def bento_overrides(kind: str) -> dict | None:
+    """bentofile keys replaced for ``kind``: its service and a description naming its endpoints
+    (the bentofile itself describes the classifier)."""
+    if kind == CLASSIFICATION:
+        return None
+    entry = task(kind)
+    return {"service": entry.service,
+            "description": f"lmforge {kind}: " + ", ".join(f"POST {e}" for e in entry.endpoints)}
+
+
 def build_bento(
     bentofile: Path, model_tag: str, labels: dict[str, str], overrides: dict | None = None
 ) -> str:
     """Build the Bento from the bentofile, the cwd (repo root) as build context; return its tag.
 
-    ``overrides``: bentofile keys replaced for this build (LM_BENTO for a causal LM).
+    ``overrides``: bentofile keys replaced for this build (bento_overrides).
     """
     import bentoml
 
@@ -207,7 +215,7 @@ def main(params: Params | None = None) -> dict:
     folder, skip = served_folder(params, onnx)
     model_tag = save_model(params.package.model_name, folder, tags,
                            serve_metadata(params, facts, run_info, onnx), skip)
-    overrides = LM_BENTO if params.task == "causal_lm" else None
+    overrides = bento_overrides(params.task)
     bento_tag = build_bento(params.package.bentofile, model_tag, {**tags, "model": model_tag},
                             overrides)
     info = {

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import SPLITS, UserError, label_set, run_main, write_json
-from stages.params import Params, load_params
+from lmforge.common import SPLITS, UserError, run_main, write_json
+from lmforge.data.cleaning import label_set
+from lmforge.params import Params, load_params
+from lmforge.tasks import CAUSAL_LM
 
 # Checks GX has no expectation for are computed by pandas into a column that holds the offending
 # text and is null elsewhere; "values must be null" then lets GX count the rows and show examples.
@@ -36,7 +38,7 @@ BALANCE = "train_class_balance"
 def text_roles(params: Params) -> dict[str, str]:
     """Check-name prefix -> column of each text column: {"text": ...} or {"prompt": .., "response": ..}."""
     data = params.data
-    if params.task == "causal_lm" and data.pairs:
+    if params.task == CAUSAL_LM and data.pairs:
         return {"prompt": data.prompt_column, "response": data.response_column}
     return {"text": data.text_column}
 
@@ -66,7 +68,7 @@ def derive_frames(frames: dict[str, pd.DataFrame], params: Params, labels: list[
     """The tables GX validates: each split plus the derived columns, and the class-balance table."""
     label, train = params.data.label_column, frames["train"]
     out = {s: with_derived(df, train, s == "train", params) for s, df in frames.items()}
-    if params.task != "causal_lm" and label in train:
+    if params.task != CAUSAL_LM and label in train:
         rows = train[label].value_counts().reindex(labels, fill_value=0).to_numpy()
         shares = rows / max(len(train), 1)
         out[BALANCE] = pd.DataFrame({"class": labels, "rows": rows, "share": shares})
@@ -95,7 +97,7 @@ def split_checks(split: str, columns, params: Params, labels: list[str]) -> list
     from great_expectations import expectations as gxe
 
     v, label, roles = params.validate_, params.data.label_column, text_roles(params)
-    with_labels = params.task != "causal_lm"
+    with_labels = params.task != CAUSAL_LM
     checks = [(f"{role}_column_exists", gxe.ExpectColumnToExist(column=c)) for role, c in roles.items()]
     if with_labels:
         checks.append(("label_column_exists", gxe.ExpectColumnToExist(column=label)))
@@ -212,7 +214,7 @@ def run_suite(frames: dict[str, pd.DataFrame], params: Params, docs_dir: Path | 
     causal_lm.
     """
     train, label = frames["train"], params.data.label_column
-    if params.task == "causal_lm":
+    if params.task == CAUSAL_LM:
         labels = None
     else:
         labels = label_set(train[label].dropna() if label in train else [], params.data.labels)

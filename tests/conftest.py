@@ -74,7 +74,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def tmp_paths(root: Path) -> dict[str, str]:
     """Every artifact path of the pipeline, moved under `root`."""
-    from stages.params import Paths
+    from lmforge.params import Paths
 
     return {name: str(root / value) for name, value in Paths().model_dump().items()}
 
@@ -85,9 +85,9 @@ def prepared_params(tmp_path, monkeypatch, rows, tiny_model_dir):
 
     The working directory is tmp_path, and MLflow writes to a sqlite file there.
     """
+    from lmforge.common import write_json
+    from lmforge.params import parse_params
     from stages import prepare
-    from stages.common import write_json
-    from stages.params import parse_params
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -147,7 +147,7 @@ def write_trained_model(model_dir: Path, tiny_model_dir: Path, labels: list[str]
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from stages.common import write_json
+    from lmforge.common import write_json
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from lmforge.common import run_main, sha256_of
+from lmforge.params import parse_params
 from stages import ingest, validate
-from stages.common import run_main, sha256_of
-from stages.params import parse_params
 from tests.conftest import make_rows, tmp_paths
 from tests.test_pipeline import copy_repo, dvc, set_params
 
@@ -265,9 +265,9 @@ def test_a_run_killed_mid_write_leaves_nothing_that_the_next_run_keeps(tmp_path)
     interim = params.paths.interim
     ingest.main(params)
     good = (interim / "train.parquet").read_bytes()
-    # What a kill between the two renames of swap_in leaves: a half-written folder and the old one.
-    (interim.parent / ".interim.tmp").mkdir()
-    (interim.parent / ".interim.tmp" / "train.parquet").write_bytes(b"half")
+    # What a kill between the two renames of replace_dir leaves: a half-written folder and the old one.
+    (interim.parent / ".interim.new").mkdir()
+    (interim.parent / ".interim.new" / "train.parquet").write_bytes(b"half")
     interim.rename(interim.parent / ".interim.old")
     ingest.main(params)
     assert (interim / "train.parquet").read_bytes() == good

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import compare
-from stages.common import UserError
-from stages.compare import Row, judge
-from stages.params import Tolerance
+from lmforge import compare
+from lmforge.common import UserError
+from lmforge.compare import Row, judge
+from lmforge.params import Tolerance
 from tests.conftest import REPO
 
 HIGHER = Tolerance(direction="higher", abs=0.01)

@@ -30,8 +30,8 @@ REGISTERED = "lmforge-classifier"
 def _open_run(barrier, store: str, name: str, queue) -> None:
     """One worker: wait for the others, then open a run in a store nobody has created yet."""
     try:
-        from stages import tracking
-        from stages.params import parse_params
+        from lmforge import tracking
+        from lmforge.params import parse_params
 
         params = parse_params({"tracking": {"uri": f"sqlite:///{store}"},
                                "paths": {"run_info": str(Path(store).parent / f"{name}.json")}})

@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import evaluate, tracking
-from stages.common import UserError, write_json
+from lmforge import tracking
+from lmforge.classification import evaluate as clf_eval
+from lmforge.common import UserError, write_json
+from stages import evaluate
 from tests.conftest import LABELS, write_trained_model
 
 
@@ -28,7 +30,7 @@ def test_predict_logits_matches_one_row_at_a_time_in_row_order(trained_params):
     import torch
     from datasets import load_from_disk
 
-    model, tokenizer = evaluate.load_model(trained_params.paths.model)
+    model, tokenizer = clf_eval.load_trained(trained_params.paths.model)
     rows = load_from_disk(str(trained_params.paths.processed / "datasets"))["test"].to_list()
     assert len({len(r["input_ids"]) for r in rows}) > 1  # lengths vary: sorting reorders rows
     with torch.inference_mode():
@@ -36,7 +38,7 @@ def test_predict_logits_matches_one_row_at_a_time_in_row_order(trained_params):
             model(**{k: torch.tensor([r[k]]) for k in ("input_ids", "attention_mask")}).logits[0]
             for r in rows
         ])
-    batched = evaluate.predict_logits(model, tokenizer, rows, batch_size=5)
+    batched = clf_eval.predict_logits(model, tokenizer, rows, batch_size=5)
     assert batched.shape == (len(rows), 3)
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)  # padding changes nothing
 
@@ -47,13 +49,13 @@ def test_cross_entropy_is_exact_for_confident_mistakes():
     logits = np.array([[1000.0, 0.0, 0.0], [0.2, 0.5, -1.0]], dtype=np.float32)
     refs = np.array([1, 1])
     expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(refs)).item()
-    assert evaluate.mean_cross_entropy(logits, refs) == pytest.approx(expected, rel=1e-5)
-    assert evaluate.mean_cross_entropy(logits, refs) > 500  # not clipped at log(1e-12)
+    assert clf_eval.mean_cross_entropy(logits, refs) == pytest.approx(expected, rel=1e-5)
+    assert clf_eval.mean_cross_entropy(logits, refs) > 500  # not clipped at log(1e-12)
 
 
 def test_compute_metrics_by_hand_keeps_absent_classes():
     # Class 0: P 2/3 R 1; class 1: P 1/2 R 1; class 2: P 1 R 1/3; class 3 never occurs.
-    out = evaluate.compute_metrics([0, 0, 1, 1, 2, 0], [0, 0, 1, 2, 2, 2], LABELS + ["spam"])
+    out = clf_eval.compute_metrics([0, 0, 1, 1, 2, 0], [0, 0, 1, 2, 2, 2], LABELS + ["spam"])
     assert out["accuracy"] == pytest.approx(4 / 6)
     # A class neither true nor predicted anywhere has no F1 to average (0/0): macro skips it.
     assert out["f1_macro"] == pytest.approx((4 / 5 + 2 / 3 + 1 / 2) / 3)
@@ -68,17 +70,17 @@ def test_compute_metrics_by_hand_keeps_absent_classes():
 def test_worst_errors_are_wrong_and_sorted_by_confidence():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.99, 0.01]])
     refs = np.array([0, 0, 1, 1, 1])  # rows 1, 2 and 4 are wrong
-    table = evaluate.worst_errors(list("abcde"), refs, probs, ["no", "yes"], k=2)
+    table = clf_eval.worst_errors(list("abcde"), refs, probs, ["no", "yes"], k=2)
     assert table["text"].tolist() == ["e", "b"]
     assert table["confidence"].tolist() == [0.99, 0.8]
     assert table["prob_actual"].tolist() == [0.01, 0.2]
     assert (table["actual"] != table["predicted"]).all()
-    assert len(evaluate.worst_errors(list("abcde"), refs, probs, ["no", "yes"], k=10)) == 3
+    assert len(clf_eval.worst_errors(list("abcde"), refs, probs, ["no", "yes"], k=10)) == 3
 
 
 def test_flat_metrics_name_every_class():
-    metrics = evaluate.compute_metrics([0, 1], [0, 0], ["a b!", "c"])
-    flat = evaluate.flat_metrics(metrics)
+    metrics = clf_eval.compute_metrics([0, 1], [0, 0], ["a b!", "c"])
+    flat = clf_eval.flat_metrics(metrics)
     assert flat["test_accuracy"] == 0.5
     assert {"test_f1_a b_", "test_precision_c", "test_recall_c", "test_n"} <= set(flat)
     assert all(isinstance(v, float) for v in flat.values())

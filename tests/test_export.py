@@ -12,10 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from stages import evaluate, evaluate_lm, export
-from stages.common import UserError, write_json
-from stages.metrics import load_metric
-from stages.params import Export, Tolerance, parse_params
+from lmforge import common
+from lmforge.causal_lm import evaluate as evaluate_lm
+from lmforge.classification import evaluate as clf_eval
+from lmforge.common import UserError, write_json
+from lmforge.metrics import load_metric
+from lmforge.params import Export, Tolerance, parse_params
+from stages import export
 from tests.conftest import LABELS, REPO, tmp_paths, write_trained_model
 from tests.test_lm_evaluate import (
     encode_pair,
@@ -44,16 +47,16 @@ def classifier_params(prepared_params, tiny_model_dir):
 
     paths = prepared_params.paths
     write_trained_model(paths.model, tiny_model_dir)
-    model, tokenizer = evaluate.load_model(paths.model)
+    model, tokenizer = clf_eval.load_trained(paths.model)
     folder = paths.processed / "datasets"
     splits = {name: split.to_list() for name, split in load_from_disk(str(folder)).items()}
-    preds = evaluate.predict_logits(model, tokenizer, splits["test"], 8).argmax(axis=1)
+    preds = clf_eval.predict_logits(model, tokenizer, splits["test"], 8).argmax(axis=1)
     for row, pred in zip(splits["test"], preds, strict=True):
         row["labels"] = int(pred)
     shutil.rmtree(folder)
     DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(folder))
-    write_json(paths.eval_metrics, evaluate.rounded(
-        evaluate.compute_metrics(preds, preds, LABELS)))
+    write_json(paths.eval_metrics, common.rounded(
+        clf_eval.compute_metrics(preds, preds, LABELS)))
     return with_export(prepared_params)
 
 
@@ -168,7 +171,7 @@ def test_disabled_records_it_without_importing_torch(tmp_path):
     params = parse_params(raw)
     (params.paths.export).mkdir(parents=True)
     (params.paths.export / "model.onnx").write_text("stale")
-    script = ("import json, sys\nfrom stages import export\nfrom stages.params import parse_params\n"
+    script = ("import json, sys\nfrom stages import export\nfrom lmforge.params import parse_params\n"
               "export.main(parse_params(json.loads(sys.argv[1])))\n"
               "print(json.dumps([m for m in ('torch', 'transformers', 'onnxruntime') "
               "if m in sys.modules]))")

@@ -12,9 +12,10 @@ import urllib.request
 
 import pytest
 
-from stages import gate, tracking
-from stages.common import UserError, write_json
-from stages.params import Floor, parse_params
+from lmforge import tracking
+from lmforge.common import UserError, write_json
+from lmforge.params import Floor, parse_params
+from stages import gate
 from tests.conftest import stop_process_group, tmp_paths, write_trained_model
 
 EVAL = {

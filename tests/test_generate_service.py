@@ -37,10 +37,10 @@ PROMPTS = ["say hi", "name a fruit", "the kettle"]
 
 
 def test_pairs_prompts_are_wrapped_in_the_training_template():
-    assert format_prompt("say hi", "pairs", TEMPLATE) == "### Prompt:\nsay hi\n### Response:\n"
-    assert format_prompt("say hi", "text", None) == "say hi"
+    assert format_prompt("say hi", TEMPLATE) == "### Prompt:\nsay hi\n### Response:\n"
+    assert format_prompt("say hi", None) == "say hi"
     # Only the {prompt} slot is filled: braces elsewhere, and in the prompt, are kept as written.
-    assert format_prompt("f({x})", "pairs", '{"q": "{prompt}"}') == '{"q": "f({x})"}'
+    assert format_prompt("f({x})", '{"q": "{prompt}"}') == '{"q": "f({x})"}'
 
 
 def test_prompts_are_cut_from_the_left_and_an_empty_one_gets_a_start_token():

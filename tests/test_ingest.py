@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lmforge.common import UserError
+from lmforge.params import parse_params
 from stages import ingest
-from stages.common import UserError
-from stages.params import parse_params
 
 
 def test_clean_normalizes_collapses_and_counts_drops():
@@ -166,7 +166,7 @@ TEXT = "First doc, line one.\nLine  two.\n\n\n  \nSecond doc.\r\n\r\nThird\tdoc\
 
 
 def test_txt_rows_are_documents_or_lines():
-    from stages.sources import split_text
+    from lmforge.data.sources import split_text
 
     text = TEXT.replace("\r\n", "\n")
     assert split_text(text, "document") == [

@@ -8,9 +8,10 @@ import socket
 import pytest
 import yaml
 
-from stages import cli, lineage, package, tracking
-from stages.common import write_json
-from stages.params import Params, parse_params
+from lmforge import cli, lineage, tasks, tracking
+from lmforge.common import write_json
+from lmforge.params import Params, parse_params
+from stages import package
 from tests.conftest import REPO, bentoml_home, tmp_paths, write_trained_model
 from tests.test_package import LM_METRICS, lm_params, write_trained_lm
 
@@ -53,7 +54,7 @@ def finished(tmp_path_factory, tiny_model_dir):
     write_json(params.paths.gate, {"passed": True, "failed": 0, "checks": {}, "registered_version": 3})
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # start_run exports it; undone on exit
-        run_id = tracking.start_run(params, lineage.MODEL_SECTIONS, DATA_SHA)
+        run_id = tracking.start_run(params, tasks.MODEL_SECTIONS, DATA_SHA)
         MlflowClient(params.tracking.uri).log_metric(run_id, "test_accuracy", 0.875)
         mp.chdir(REPO)  # the Bento's build context
         with bentoml_home(root / "bentoml"):
@@ -63,16 +64,16 @@ def finished(tmp_path_factory, tiny_model_dir):
 
 def test_params_hash_covers_exactly_the_sections_that_shape_the_model():
     base = Params()
-    digest = lineage.params_hash(base)
+    digest = tracking.params_hash(base)
     assert len(digest) == 64 and int(digest, 16) >= 0
     reloaded = parse_params(json.loads(json.dumps(base.model_dump(mode="json", by_alias=True))))
-    assert lineage.params_hash(reloaded) == digest  # stable through a dump and reload
+    assert tracking.params_hash(reloaded) == digest  # stable through a dump and reload
     for section, change in [("train", {"learning_rate": 0.5}), ("data", {"seed": 7}),
                             ("prepare", {"max_length": 64}), ("model", {"source": "x"})]:
-        assert lineage.params_hash(_with(base, section, **change)) != digest, section
+        assert tracking.params_hash(_with(base, section, **change)) != digest, section
     for section, change in [("serve", {"max_texts": 3}), ("evaluate", {"batch_size": 2}),
                             ("tracking", {"uri": "http://127.0.0.1:1"})]:
-        assert lineage.params_hash(_with(base, section, **change)) == digest, section
+        assert tracking.params_hash(_with(base, section, **change)) == digest, section
 
 
 def test_consistency_says_match_mismatch_or_not_found():
@@ -92,7 +93,7 @@ def test_finished_run_matches_the_store(finished, tmp_path, monkeypatch, capsys)
         run_id = json.loads(params.paths.run_info.read_text())["run_id"]
         assert {k: v["verdict"] for k, v in report["consistency"].items()} == dict.fromkeys(
             lineage.CHECKED, "MATCH")
-        assert report["workspace"]["params_sha256"] == lineage.params_hash(params)
+        assert report["workspace"]["params_sha256"] == tracking.params_hash(params)
         assert report["workspace"]["git_commit"] not in ("", "unknown")
         assert report["data"] == {"sha256": DATA_SHA}
         assert report["validation"] == {"passed": True, "checks_failed": 0}
@@ -158,7 +159,7 @@ def test_causal_lm_workspace_matches_its_packaged_model(tmp_path, monkeypatch, c
     write_json(params.paths.eval_metrics, LM_METRICS)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        run_id = tracking.start_run(params, lineage.MODEL_SECTIONS, DATA_SHA)
+        run_id = tracking.start_run(params, tasks.MODEL_SECTIONS, DATA_SHA)
     MlflowClient(params.tracking.uri).log_metric(run_id, "test_perplexity", 123.456)
     monkeypatch.chdir(REPO)  # the Bento's build context
     with bentoml_home(tmp_path / "bentoml"):

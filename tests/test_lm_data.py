@@ -9,10 +9,11 @@ import random
 import pandas as pd
 import pytest
 
-from stages import ingest, lm_data, prepare, validate
-from stages.common import UserError
-from stages.lm_data import IGNORE, encode_pair, pack_blocks
-from stages.params import parse_params
+from lmforge.causal_lm import data as lm_data
+from lmforge.causal_lm.data import IGNORE, encode_pair, pack_blocks
+from lmforge.common import UserError
+from lmforge.params import parse_params
+from stages import ingest, prepare, validate
 from tests.conftest import tmp_paths
 
 EOS = 0

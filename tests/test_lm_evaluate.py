@@ -8,9 +8,12 @@ import math
 import pandas as pd
 import pytest
 
-from stages import evaluate, evaluate_lm, lm, tracking
-from stages.common import UserError, write_json
-from stages.params import Generation, parse_params
+from lmforge import tracking
+from lmforge.causal_lm import evaluate as evaluate_lm
+from lmforge.causal_lm import model as lm
+from lmforge.common import UserError, write_json
+from lmforge.params import Generation, parse_params
+from stages import evaluate
 from tests.conftest import tmp_paths
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -287,10 +290,10 @@ def test_classifier_folder_is_refused_as_not_a_causal_lm(lm_run, tiny_model_dir)
     params = lm_params(lm_run, pairs=True)
     shutil.copytree(tiny_model_dir, params.paths.model)
     with pytest.raises(UserError, match=r"lm\.json not found: the model was not trained for task causal_lm"):
-        evaluate_lm.load_causal_lm(params.paths.model)
+        evaluate_lm.load_trained(params.paths.model)
     write_json(params.paths.model / "lm.json", {"format": "pairs"})
     with pytest.raises(UserError, match=r"holds a BertForSequenceClassification, not a causal LM"):
-        evaluate_lm.load_causal_lm(params.paths.model)
+        evaluate_lm.load_trained(params.paths.model)
 
 
 def test_pairs_model_on_plain_test_data_is_called_stale(lm_run, tokenizer):

@@ -9,9 +9,11 @@ import math
 import pytest
 import torch
 
-from stages import lit, lm, train
-from stages.common import UserError
-from stages.params import Params, Train, parse_params
+from lmforge.causal_lm import model as lm
+from lmforge.common import UserError
+from lmforge.params import Params, Train, parse_params
+from lmforge.training import lit
+from stages import train
 from tests.conftest import make_rows, tmp_paths
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import lineage, package
-from stages.common import UserError, read_json, write_json
-from stages.params import Params, parse_params
+from lmforge import tracking
+from lmforge.common import UserError, read_json, write_json
+from lmforge.params import Params, parse_params
+from stages import package
 from tests.conftest import LABELS, REPO, bentoml_home, tmp_paths, write_trained_model
 
 RUN_ID = "0123456789abcdef"
@@ -112,7 +113,7 @@ def test_main_stores_model_with_lineage_and_builds_bento(
     assert model.info.labels["test_f1_macro"] == "0.8611"
     assert model.info.labels["git_commit"] == info["git_commit"] != ""
     # The params that shaped the model, hashed as `lmforge lineage` hashes the workspace's.
-    assert model.info.labels["params_sha256"] == lineage.params_hash(params) == info["params_sha256"]
+    assert model.info.labels["params_sha256"] == tracking.params_hash(params) == info["params_sha256"]
     assert model.info.labels["validation_passed"] == "true"
     meta = model.info.metadata
     assert meta["serve"] == params.serve.model_dump(exclude_none=True)
@@ -160,7 +161,7 @@ def test_causal_lm_is_packaged_with_its_prompt_format_for_the_generator(tmp_path
     assert labels["test_perplexity"] == "123.4560"
     assert labels["test_bleu"] == "3.5000" and labels["test_rougeL"] == "0.1875"
     assert "test_accuracy" not in labels and "test_f1_macro" not in labels
-    assert labels["params_sha256"] == lineage.params_hash(params)
+    assert labels["params_sha256"] == tracking.params_hash(params)
     assert {"model.safetensors", "lm.json", "tokenizer.json", "generation_config.json"} <= {
         p.name for p in Path(model.path).iterdir()}
     # The bentofile names the classifier; package builds the causal LM's Bento with the generator.

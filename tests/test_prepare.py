@@ -7,9 +7,11 @@ import json
 import pandas as pd
 import pytest
 
+from lmforge.classification import data as clf_data
+from lmforge.common import UserError, write_json
+from lmforge.data.cleaning import label_set
+from lmforge.params import parse_params
 from stages import prepare
-from stages.common import UserError, label_set, write_json
-from stages.params import parse_params
 
 
 def test_label_set_is_given_order_or_sorted_numerically():
@@ -19,14 +21,14 @@ def test_label_set_is_given_order_or_sorted_numerically():
 
 
 def test_label_mapping_round_trips():
-    m = prepare.label_mapping(["neg", "pos"])
+    m = clf_data.label_mapping(["neg", "pos"])
     assert m["id2label"] == {"0": "neg", "1": "pos"}
     assert all(m["id2label"][str(i)] == name for name, i in m["label2id"].items())
 
 
 def test_unknown_label_is_named():
     with pytest.raises(UserError, match=r"\['maybe'\] are not in the label set"):
-        prepare.encode_labels(pd.Series(["pos", "maybe"]), {"pos": 0, "neg": 1}, "test")
+        clf_data.encode_labels(pd.Series(["pos", "maybe"]), {"pos": 0, "neg": 1}, "test")
 
 
 def _setup(tmp_path, rows, tiny_model_dir, success=True, max_length=64):
@@ -83,13 +85,13 @@ def test_unknown_model_source_fails_clearly(tmp_path, rows, tiny_model_dir):
     with pytest.raises(UserError, match="neither a local model folder nor a reachable hub id"):
         prepare.main(params)
     with pytest.raises(UserError, match="package 'not_a_pkg' is not installed"):
-        from stages.common import resolve_model_source
+        from lmforge.models import resolve_model_source
         resolve_model_source("package:not_a_pkg/model")
 
 
 def _pretrained_tokenizer_folder(folder, eos: str | None):
     """A model folder holding only a byte-level BPE tokenizer with an eos and no pad token."""
-    from stages.lm_data import train_bpe
+    from lmforge.causal_lm.data import train_bpe
 
     tok = train_bpe(iter(["some text to learn from"] * 3), 300, 1)
     tok.save_pretrained(str(folder))

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import evaluate, gate, lineage, train
-from stages.common import read_json, write_json
-from stages.params import Floor
+from lmforge import lineage
+from lmforge.common import read_json, write_json
+from lmforge.params import Floor
+from stages import evaluate, gate, train
 from tests.conftest import stop_process_group
 
 DATA_SHA = "5e" * 32

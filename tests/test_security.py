@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from stages import package, tracking, train
-from stages.common import UserError, load_tokenizer, require_safetensors, resolve_model_source
-from stages.params import Params, Train, check_hardware, parse_params, require_hardware
+from lmforge import tracking
+from lmforge.classification import evaluate as clf_eval
+from lmforge.classification import model as clf_model
+from lmforge.common import UserError
+from lmforge.models import load_tokenizer, require_safetensors, resolve_model_source
+from lmforge.params import Params, Train, parse_params
+from lmforge.training.hardware import check_hardware, require_hardware
+from stages import package
 from tests.conftest import write_trained_model
 
 STRATEGIES = ("ddp", "ddp_spawn", "fsdp", "deepspeed")
@@ -87,16 +92,15 @@ def test_pickled_weights_are_refused_by_every_loader(pickled_model, tmp_path):
     with pytest.raises(UserError, match="loads safetensors only"):
         resolve_model_source(str(pickled_model))  # prepare: refused before tokenizing
     with pytest.raises(UserError, match="loads safetensors only"):
-        train.load_model(str(pickled_model), MAPPING)
+        clf_model.load_pretrained(str(pickled_model), MAPPING)
     with pytest.raises(UserError, match="loads safetensors only"):
         package.model_label_names(pickled_model)  # before anything enters the BentoML store
 
 
 def test_evaluate_refuses_pickled_weights(pickled_model):
-    from stages import evaluate
 
     with pytest.raises(UserError, match="loads safetensors only"):
-        evaluate.load_model(pickled_model)
+        clf_eval.load_trained(pickled_model)
 
 
 def test_a_folder_with_safetensors_beside_a_pickle_loads_the_safetensors(pickled_model, tmp_path,
@@ -139,7 +143,7 @@ def test_shipped_code_never_runs_unless_trust_remote_code(custom_code_model, tmp
     tokenizer = load_tokenizer(str(custom_code_model))  # falls back to the built-in class
     assert type(tokenizer).__name__ != "ShippedTokenizer"
     with pytest.raises(UserError, match="set model.trust_remote_code: true only for a source"):
-        train.load_model(str(custom_code_model), MAPPING)
+        clf_model.load_pretrained(str(custom_code_model), MAPPING)
     assert not marker.exists()
     assert "trust_remote_code" not in capsys.readouterr().err  # no warning when it is off
 
@@ -208,7 +212,7 @@ def test_mlflow_params_tags_and_run_json_hold_no_secret(tmp_path, monkeypatch, t
     assert SECRET not in logged
     assert run.data.params["model.source"] == "https://***@huggingface.co/org/model"
     assert run.data.params["data.source"] == "https://reader:***@data.example/reviews.csv"
-    assert run.data.params["train.learning_rate"] == "5e-05"  # the rest untouched
+    assert run.data.params["train.learning_rate"] == "0.0001"  # the rest untouched
     info = params.paths.run_info.read_text()
     assert SECRET not in info
     assert json.loads(info)["tracking_uri"] == "http://alice:***@mlflow.internal"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from stages.params import Tracking
-from stages.tracking import flat_params, lineage_tags, tracking_uri
+from lmforge.params import Tracking
+from lmforge.tracking import flat_params, lineage_tags, tracking_uri
 
 
 def test_relative_sqlite_store_resolves_against_the_dvc_root(tmp_path, monkeypatch):
@@ -29,9 +29,9 @@ def test_lineage_tags_name_the_experiment_under_dvc_exp_run(monkeypatch):
 
 
 def test_flat_params_are_dotted_strings():
-    from stages.params import Params
+    from lmforge.params import Params
 
     flat = flat_params(Params(), ("train",))
-    assert flat["train.learning_rate"] == "5e-05"
+    assert flat["train.learning_rate"] == "0.0001"
     assert flat["train.early_stopping.monitor"] == "val_accuracy"
     assert all(key.startswith("train.") for key in flat)

@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 
-from stages import lit, resume, train
-from stages.common import UserError
-from stages.params import Params, Train
+from lmforge.classification import model as clf_model
+from lmforge.common import UserError
+from lmforge.params import Params, Train
+from lmforge.training import hardware, lit, resume
+from stages import train
 
 
 def _with_train(params: Params, **changes) -> Params:
@@ -26,11 +28,11 @@ def _csv(path) -> list[dict]:
 
 
 def test_precision_auto_is_bf16_only_on_a_bf16_gpu():
-    assert train.resolve_precision("auto", "auto", cuda=True, bf16=True) == "bf16-mixed"
-    assert train.resolve_precision("auto", "gpu", cuda=True, bf16=False) == "32-true"
-    assert train.resolve_precision("auto", "auto", cuda=False, bf16=False) == "32-true"
-    assert train.resolve_precision("auto", "cpu", cuda=True, bf16=True) == "32-true"
-    assert train.resolve_precision("16-mixed", "auto", cuda=False, bf16=False) == "16-mixed"
+    assert hardware.resolve_precision("auto", "auto", cuda=True, bf16=True) == "bf16-mixed"
+    assert hardware.resolve_precision("auto", "gpu", cuda=True, bf16=False) == "32-true"
+    assert hardware.resolve_precision("auto", "auto", cuda=False, bf16=False) == "32-true"
+    assert hardware.resolve_precision("auto", "cpu", cuda=True, bf16=True) == "32-true"
+    assert hardware.resolve_precision("16-mixed", "auto", cuda=False, bf16=False) == "16-mixed"
 
 
 def test_length_grouped_sampler_yields_each_index_once_and_groups_lengths():
@@ -167,33 +169,33 @@ def test_schedule_warms_up_then_follows_its_shape(schedule):
 
 def test_should_resume_only_unfinished_runs_or_more_epochs():
     budget = {"max_epochs": 3, "max_steps": -1}
-    assert not train.should_resume(None, "fp", budget)[0]
-    assert not train.should_resume({"fingerprint": "old", "finished": False}, "fp", budget)[0]
-    assert train.should_resume({"fingerprint": "fp", "finished": False}, "fp", budget)[0]
+    assert not resume.should_resume(None, "fp", budget)[0]
+    assert not resume.should_resume({"fingerprint": "old", "finished": False}, "fp", budget)[0]
+    assert resume.should_resume({"fingerprint": "fp", "finished": False}, "fp", budget)[0]
     done = {"fingerprint": "fp", "finished": True, "budget": budget}
-    assert not train.should_resume(done, "fp", budget)[0]  # same budget: retrain from scratch
-    assert train.should_resume(done, "fp", {**budget, "max_epochs": 5})[0]
-    assert not train.should_resume(done, "fp", {**budget, "max_epochs": 2})[0]
+    assert not resume.should_resume(done, "fp", budget)[0]  # same budget: retrain from scratch
+    assert resume.should_resume(done, "fp", {**budget, "max_epochs": 5})[0]
+    assert not resume.should_resume(done, "fp", {**budget, "max_epochs": 2})[0]
     # A step cap may have stopped mid-epoch, and last.ckpt would count that epoch as done.
     capped = {**done, "budget": {"max_epochs": 3, "max_steps": 10}}
-    assert not train.should_resume(capped, "fp", {"max_epochs": 5, "max_steps": -1})[0]
+    assert not resume.should_resume(capped, "fp", {"max_epochs": 5, "max_steps": -1})[0]
 
 
 def test_a_truncated_last_checkpoint_is_cleared_not_resumed(tmp_path, capsys):
     budget = {"max_epochs": 3, "max_steps": -1}
     (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04 cut off")
-    (tmp_path / train.STATE_FILE).write_text(json.dumps({"fingerprint": "fp", "finished": False}))
-    assert train.checkpoint_to_resume(tmp_path, "fp", budget) is None
+    (tmp_path / resume.STATE_FILE).write_text(json.dumps({"fingerprint": "fp", "finished": False}))
+    assert resume.checkpoint_to_resume(tmp_path, "fp", budget) is None
     assert "truncated" in capsys.readouterr().out and not (tmp_path / "last.ckpt").exists()
 
 
 def test_fingerprint_ignores_the_budget_but_not_the_learning_rate():
     base = Params()
-    fp = train.fingerprint(base, "data", "code")
-    assert train.fingerprint(_with_train(base, max_epochs=9), "data", "code") == fp
-    assert train.fingerprint(_with_train(base, checkpoint_every_n_steps=7), "data", "code") == fp
-    assert train.fingerprint(_with_train(base, learning_rate=1e-3), "data", "code") != fp
-    assert train.fingerprint(base, "other data", "code") != fp
+    fp = resume.fingerprint(base, "data", "code")
+    assert resume.fingerprint(_with_train(base, max_epochs=9), "data", "code") == fp
+    assert resume.fingerprint(_with_train(base, checkpoint_every_n_steps=7), "data", "code") == fp
+    assert resume.fingerprint(_with_train(base, learning_rate=1e-3), "data", "code") != fp
+    assert resume.fingerprint(base, "other data", "code") != fp
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -201,17 +203,17 @@ def test_fingerprint_ignores_the_budget_but_not_the_learning_rate():
 
 def test_unknown_model_source_is_a_user_error(prepared_params, tmp_path):
     with pytest.raises(UserError, match="model.source 'no-such/model'"):
-        train.load_model("no-such/model", {"id2label": {"0": "a", "1": "b"},
+        clf_model.load_pretrained("no-such/model", {"id2label": {"0": "a", "1": "b"},
                                            "label2id": {"a": 0, "b": 1}})
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="cannot load a classification model"):
-        train.load_model(str(tmp_path / "empty"), {"id2label": {"0": "a"}, "label2id": {"a": 0}})
+        clf_model.load_pretrained(str(tmp_path / "empty"), {"id2label": {"0": "a"}, "label2id": {"a": 0}})
 
 
 def test_model_loads_with_our_labels_in_training_mode(tiny_model_dir):
     # The saved tiny model has a 2-label head; ours needs 3 (ignore_mismatched_sizes).
     mapping = {"id2label": {"0": "a", "1": "b", "2": "c"}, "label2id": {"a": 0, "b": 1, "c": 2}}
-    module = lit.Classifier(train.load_model(str(tiny_model_dir), mapping), Train())
+    module = clf_model.ClassifierModule(clf_model.load_pretrained(str(tiny_model_dir), mapping), Train())
     assert module.model.config.id2label == {0: "a", 1: "b", 2: "c"}
     assert module.model.classifier.out_features == 3
     assert module.model.training  # from_pretrained leaves eval mode: dropout would be off
@@ -224,7 +226,7 @@ def test_training_changes_weights_and_writes_every_output(prepared_params):
     p = prepared_params.paths
     labels = json.loads((p.processed / "labels.json").read_text())
     torch.manual_seed(prepared_params.train.seed)  # main() seeds the same way before loading
-    before = train.load_model(prepared_params.model.source, labels).state_dict()
+    before = clf_model.load_pretrained(prepared_params.model.source, labels).state_dict()
 
     metrics = train.main(prepared_params)
 
@@ -301,14 +303,14 @@ def test_a_crash_resumes_to_the_same_model_as_an_uninterrupted_run(
     expected = [(p.model / "model.safetensors").read_bytes(),
                 _csv(p.train_plots / "loss.csv"), _csv(p.train_plots / "val.csv")]
 
-    real = getattr(lit.Classifier, hook)
+    real = getattr(clf_model.ClassifierModule, hook)
 
     def crash(self, batch, batch_idx):
         if self.trainer.global_step == at_step and not self.trainer.sanity_checking:
             raise RuntimeError("simulated crash")
         return real(self, batch, batch_idx)
 
-    monkeypatch.setattr(lit.Classifier, hook, crash)
+    monkeypatch.setattr(clf_model.ClassifierModule, hook, crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.main(params)  # its finished state is stale: it starts over, then crashes
     monkeypatch.undo()

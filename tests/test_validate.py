@@ -12,8 +12,8 @@ os.environ["GX_ANALYTICS_ENABLED"] = "False"
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from stages.common import UserError, run_main  # noqa: E402
-from stages.params import parse_params  # noqa: E402
+from lmforge.common import UserError, run_main  # noqa: E402
+from lmforge.params import parse_params  # noqa: E402
 from stages.validate import main, run_suite  # noqa: E402
 from tests.conftest import make_rows  # noqa: E402
 

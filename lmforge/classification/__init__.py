@@ -1,0 +1,1 @@
+"""Task classification: text -> label (data.py, model.py, evaluate.py)."""
