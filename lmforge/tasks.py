@@ -1,7 +1,8 @@
 """The task catalogue: what each task produces, declared once.
 
-A task is a folder of code with the same shape (``lmforge/<task>/data.py``, ``model.py``,
-``evaluate.py``) plus one entry here. Stages dispatch on ``params.task`` with one plain ``if``;
+A task is a folder of code with the same shape plus one entry here: ``lmforge/<task>/data.py``
+(prepare: ``encode_splits``), ``model.py`` (train: its LightningModule), ``evaluate.py`` (evaluate:
+``evaluate``) and ``export.py`` (export: ``ExportScorer``). Stages dispatch on ``params.task`` with one plain ``if``;
 everything they need to know about a task's outputs (metric names, validation monitors, files,
 plots, reports, the Bento's service) is read from its ``Task`` below.
 

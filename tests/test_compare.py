@@ -139,7 +139,7 @@ def repo(tmp_path, monkeypatch) -> Path:
 
 
 def gate_args(against: str = "main", report: str | None = None) -> argparse.Namespace:
-    return argparse.Namespace(against=against, report=report)  # what stages/cli.py passes
+    return argparse.Namespace(against=against, report=report)  # what lmforge/cli.py passes
 
 
 def test_regression_and_deleted_metric_fail_with_a_report(repo, capsys):

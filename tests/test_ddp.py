@@ -101,7 +101,7 @@ def test_ddp_on_two_cpu_processes_scores_the_whole_validation_set_once(tmp_path,
 
 @pytest.mark.parametrize("rows, world, batch", [(9, 2, 64), (161, 2, 64), (10, 3, 4), (129, 2, 64)])
 def test_val_sampler_scores_every_row_once_in_equal_batch_counts(rows, world, batch):
-    from stages.lit import val_sampler
+    from lmforge.training.lit import val_sampler
 
     order = list(range(rows))[::-1]
     shards = [list(val_sampler(order, world, rank, batch)) for rank in range(world)]

@@ -238,6 +238,6 @@ def test_pr_workflow_reproduces_tests_gates_and_comments():
 
 
 def load_gate_report_path() -> str:
-    from stages.params import load_params
+    from lmforge.params import load_params
 
     return str(load_params(REPO / "params.yaml").paths.gate_report)

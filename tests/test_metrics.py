@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from stages.common import UserError
-from stages.metrics import available, load_metric
+from lmforge.common import UserError
+from lmforge.metrics import available, load_metric
 from tests.conftest import REPO
 
 # Worked by hand. Class 0: TP 2, FP 1 (row 5)        -> P 2/3, R 1,   F1 4/5
@@ -169,7 +169,7 @@ def test_loads_offline_and_writes_only_to_the_hf_cache(tmp_path):
     """A fresh HF cache, the hub switched off and unroutable: the metrics still load and compute."""
     hf_home = tmp_path / "hf"
     code = (
-        "from stages.metrics import load_metric\n"
+        "from lmforge.metrics import load_metric\n"
         "print(load_metric('f1').compute(predictions=[0, 1], references=[0, 0], average='macro'))"
     )
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1",

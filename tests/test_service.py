@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.params import parse_params
 from stages import package
-from stages.params import parse_params
 from tests.conftest import LABELS, REPO, bentoml_home, stop_process_group, tmp_paths, write_trained_model
 from tests.test_package import RUN_ID, write_upstream
 
