@@ -34,10 +34,10 @@ test: setup
 	HF_HUB_OFFLINE=1 python -m pytest -q
 
 lint: setup
-	ruff check stages tests benchmarks bento data/sample
+	ruff check lmforge stages tests benchmarks bento data/sample
 
 bench: setup
-	python benchmarks/bench_data_stages.py
+	python -m benchmarks.bench_data_stages
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """Benchmark: wall time of the data stages on the sample, and of a no-op `dvc repro`.
 
-    python benchmarks/bench_data_stages.py      # or `make bench`
+    python -m benchmarks.bench_data_stages      # or `make bench`
 
 Works on a fresh `git clone` of this repo in a temp folder (committed state, default params), so
 the working tree is left alone. Targets from the issue: data stages < 60 s, no-op repro < 3 s.

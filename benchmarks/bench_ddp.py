@@ -1,8 +1,8 @@
 """Benchmark: stage train in one process against DDP across processes, same data, params and seed.
 
-    python benchmarks/bench_ddp.py                    # on CPU: 1 process, then 2 (gloo)
-    BENCH_DEVICES=4 BENCH_ACCELERATOR=gpu python benchmarks/bench_ddp.py   # 1 GPU, then 4 (nccl)
-    BENCH_SET='train.max_epochs=1 model.source=/path/to/tiny' python benchmarks/bench_ddp.py
+    python -m benchmarks.bench_ddp                    # on CPU: 1 process, then 2 (gloo)
+    BENCH_DEVICES=4 BENCH_ACCELERATOR=gpu python -m benchmarks.bench_ddp   # 1 GPU, then 4 (nccl)
+    BENCH_SET='train.max_epochs=1 model.source=/path/to/tiny' python -m benchmarks.bench_ddp
 
 In a temp copy of this repo (what git would clone), runs `dvc repro prepare` on the committed
 params (BENCH_SET overrides any `section.key=value`), then `python -m stages.train` three times:

@@ -1,7 +1,7 @@
 """Benchmark: the BentoML service against a raw forward pass and a naive FastAPI app (issue 6 targets).
 
-    python benchmarks/bench_serve.py                                   # ~3-5 min on 2 quiet cores
-    python benchmarks/bench_serve.py --requests 20 --concurrency 1 8 --json /tmp/bench.json
+    python -m benchmarks.bench_serve                                   # ~3-5 min on 2 quiet cores
+    python -m benchmarks.bench_serve --requests 20 --concurrency 1 8 --json /tmp/bench.json
 
 One request set (``--texts-per-request`` sentences each, from SST-2 test in ../shared/datasets, else
 data/sample/reviews.csv), measured three ways, one after the other (never two systems at once):
@@ -28,7 +28,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from serve_load import (
+from benchmarks.serve_load import (
     Request,
     Result,
     ServeError,
@@ -41,7 +41,6 @@ from serve_load import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # stages.common, bento.limits (soak_serve.py)
 SST2_TEST = REPO.parent / "shared" / "datasets" / "sst2" / "test.csv"
 SAMPLE = REPO / "data" / "sample" / "reviews.csv"
 TARGET_THROUGHPUT, TARGET_LATENCY = 1.5, 1.3
@@ -96,7 +95,7 @@ def model_info(tag: str | None) -> tuple[str, int, Path]:
 
 def same_weights(model_dir: Path, stored: Path) -> bool:
     """Whether raw/naive load the very weights BentoML serves (else the comparison is off)."""
-    from stages.common import sha256_of
+    from lmforge.common import sha256_of
 
     a, b = model_dir / "model.safetensors", stored / "model.safetensors"
     return a.exists() and b.exists() and sha256_of(a) == sha256_of(b)
@@ -194,8 +193,8 @@ def bentoml_cmd(tag: str):
 
 
 def naive_cmd(model_dir: Path):
-    script = str(REPO / "benchmarks" / "naive_app.py")
-    return lambda port: [sys.executable, script, "--model", str(model_dir), "--port", str(port)]
+    return lambda port: [sys.executable, "-m", "benchmarks.naive_app", "--model", str(model_dir),
+                         "--port", str(port)]  # serving() runs it from REPO
 
 
 def cpu_model() -> str:

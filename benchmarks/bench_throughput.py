@@ -1,31 +1,30 @@
 """Benchmark: causal-LM training throughput of our Lightning module (tokens/s, and MFU on a GPU).
 
-    python benchmarks/bench_throughput.py                    # CPU or the visible GPU, params' defaults
+    python -m benchmarks.bench_throughput                    # CPU or the visible GPU, params' defaults
     BENCH_SET='model.scratch.hidden=768 model.scratch.layers=12 model.scratch.heads=12' \
-      BENCH_BATCH=16 BENCH_BLOCK=1024 python benchmarks/bench_throughput.py   # GPT-2 small shape
+      BENCH_BATCH=16 BENCH_BLOCK=1024 python -m benchmarks.bench_throughput   # GPT-2 small shape
 
 Builds the from-scratch model of ``model.scratch`` (BENCH_SET overrides any ``section.key=value``)
-and fits stages.lm.CausalLM with the Trainer settings stage train uses (precision ``auto``: bf16-mixed
-on a bf16 GPU; ``train.torch_compile`` honoured) on random token blocks of BENCH_BATCH x BENCH_BLOCK
-tokens. After BENCH_WARMUP steps it times BENCH_STEPS optimizer steps and prints tokens/s and, on a
-GPU, model FLOPs utilisation: 6 x parameters + 12 x layers x hidden x block FLOPs per token
-(PaLM, appendix B) against the GPU's dense bf16 peak (BENCH_PEAK_TFLOPS, or a table of common GPUs).
+and fits lmforge.causal_lm.model.CausalLM with the Trainer settings stage train uses (precision
+``auto``: bf16-mixed on a bf16 GPU; ``train.torch_compile`` honoured) on random token blocks of
+BENCH_BATCH x BENCH_BLOCK tokens. After BENCH_WARMUP steps it times BENCH_STEPS optimizer steps and
+prints tokens/s and, on a GPU, model FLOPs utilisation: 6 x parameters + 12 x layers x hidden x
+block FLOPs per token (PaLM, appendix B) against the GPU's dense bf16 peak (BENCH_PEAK_TFLOPS, or a
+table of common GPUs).
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import lit, lm, train  # noqa: E402
-from stages.params import load_params, parse_params  # noqa: E402
+from lmforge.causal_lm import model as lm
+from lmforge.params import load_params, parse_params
+from lmforge.training import hardware, lit
 
 ENV = os.environ.get
 BATCH, BLOCK = int(ENV("BENCH_BATCH", 32)), int(ENV("BENCH_BLOCK", 128))
@@ -92,7 +91,7 @@ def main() -> None:
     timer = Timer()
     trainer = L.Trainer(
         max_steps=WARMUP + STEPS, logger=False, enable_checkpointing=False, callbacks=[timer],
-        precision=train.resolve_precision("auto", "auto", cuda, cuda and torch.cuda.is_bf16_supported()),
+        precision=hardware.resolve_precision("auto", "auto", cuda, cuda and torch.cuda.is_bf16_supported()),
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(lm.CausalLM(model, params.train), train_dataloaders=loader)
     tokens_s = timer.tokens / timer.seconds

@@ -1,16 +1,16 @@
-"""Benchmark: overhead of stages/train.py's Lightning training step against a plain PyTorch loop.
+"""Benchmark: overhead of stage train's Lightning training step against a plain PyTorch loop.
 
-    python benchmarks/bench_train_loop.py                          # 50 timed steps, 3 rounds
-    BENCH_STEPS=5 BENCH_ROUNDS=1 python benchmarks/bench_train_loop.py   # a quick check
-    BENCH_MLFLOW=0 python benchmarks/bench_train_loop.py           # without the MLflow logger
+    python -m benchmarks.bench_train_loop                          # 50 timed steps, 3 rounds
+    BENCH_STEPS=5 BENCH_ROUNDS=1 python -m benchmarks.bench_train_loop   # a quick check
+    BENCH_MLFLOW=0 python -m benchmarks.bench_train_loop           # without the MLflow logger
 
 Both sides fine-tune params' default model (MiniLM) from the same initial weights on the same
 batches: batch 32 of data/sample/reviews.csv cut to 64 tokens, padded per batch by TextData's
 collator, with the same AdamW groups, schedule and clipping, on the device ``train`` would use.
-Lightning side: our Classifier, TextData, callbacks and Trainer exactly as train.py builds them,
-logging to MLflow (a throwaway sqlite store) as in production. Each round times BENCH_STEPS steps
-after BENCH_WARMUP warmup steps, Lightning then plain (A B A B ...), so machine drift hits both
-alike. Target: Lightning >= 0.95x plain.
+Lightning side: our ClassifierModule, TextData, callbacks and Trainer exactly as stage train builds
+them (lmforge.training.fit), logging to MLflow (a throwaway sqlite store) as in production. Each
+round times BENCH_STEPS steps after BENCH_WARMUP warmup steps, Lightning then plain (A B A B ...), so
+machine drift hits both alike. Target: Lightning >= 0.95x plain.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +25,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import lit, train  # noqa: E402
-from stages.common import load_tokenizer, resolve_model_source  # noqa: E402
-from stages.params import Params, parse_params  # noqa: E402
+from lmforge.classification import model as clf_model
+from lmforge.classification.data import label_mapping
+from lmforge.models import load_tokenizer, resolve_model_source
+from lmforge.params import Params, parse_params
+from lmforge.training import fit, hardware, lit
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = int(os.environ.get("BENCH_STEPS", 50))
@@ -43,7 +43,6 @@ def make_data(folder: Path, params: Params) -> tuple[dict, int]:
     import datasets
     import pandas as pd
 
-    from stages.prepare import label_mapping
 
     datasets.disable_progress_bars()
     df = pd.read_csv(REPO / "data/sample/reviews.csv")
@@ -85,10 +84,10 @@ class Window(L.Callback):
 def lightning_round(params: Params, mapping: dict, pad_id: int, device) -> tuple[float, int]:
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from stages.tracking import start_run, tracking_uri
+    from lmforge.tracking import start_run, tracking_uri
 
     L.seed_everything(params.train.seed, verbose=False)
-    module = lit.Classifier(train.load_model(params.model.source, mapping), params.train)
+    module = clf_model.ClassifierModule(clf_model.load_pretrained(params.model.source, mapping), params.train)
     logger = False
     if MLFLOW:
         run_id = start_run(params, ("model", "train"), "bench")
@@ -97,10 +96,10 @@ def lightning_round(params: Params, mapping: dict, pad_id: int, device) -> tuple
     window = Window(device)
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    _, _, callbacks = train.make_callbacks(params.train, params.paths.checkpoints)
+    _, _, callbacks = fit.make_callbacks(params.train, params.paths.checkpoints)
     if not logger:  # it refuses to run without one
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer = train.build_trainer(params, [window, *callbacks], logger)
+    trainer = fit.build_trainer(params, [window, *callbacks], logger)
     data = lit.TextData(params.paths.processed, pad_id, params.train)
     trainer.fit(module, datamodule=data)
     return window.seconds, window.tokens
@@ -109,12 +108,12 @@ def lightning_round(params: Params, mapping: dict, pad_id: int, device) -> tuple
 def plain_round(params: Params, mapping: dict, pad_id: int, device) -> tuple[float, int]:
     cfg = params.train
     L.seed_everything(cfg.seed, verbose=False)
-    model = train.load_model(params.model.source, mapping).to(device).train()
+    model = clf_model.load_pretrained(params.model.source, mapping).to(device).train()
     data = lit.TextData(params.paths.processed, pad_id, cfg)
     data.setup("fit")
     opt = torch.optim.AdamW(lit.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
     sched = lit.make_scheduler(opt, cfg, cfg.max_steps)  # Lightning's estimate under max_steps
-    bf16 = train.resolve_precision(cfg.precision, cfg.accelerator, device.type == "cuda",
+    bf16 = hardware.resolve_precision(cfg.precision, cfg.accelerator, device.type == "cuda",
                                    device.type == "cuda" and torch.cuda.is_bf16_supported())
     t0 = seconds = 0.0
     tokens = 0
@@ -141,7 +140,7 @@ def plain_round(params: Params, mapping: dict, pad_id: int, device) -> tuple[flo
 
 
 def main() -> None:
-    train.quiet_libraries()
+    fit.quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         params = parse_params({

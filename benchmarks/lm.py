@@ -1,12 +1,13 @@
 """Benchmark: the causal-LM examples on real data, within a CPU budget.
 
-    python benchmarks/lm.py shakespeare   # pretraining from scratch on Tiny Shakespeare
-    python benchmarks/lm.py multi30k      # en->de pairs from Multi30k as instruction tuning
+    python -m benchmarks.lm shakespeare   # pretraining from scratch on Tiny Shakespeare
+    python -m benchmarks.lm multi30k      # en->de pairs from Multi30k as instruction tuning
 
 Reads ../shared/datasets (never copied into the repo): in a temp `git clone` of this repo it writes
-the source, applies examples/lm_pretrain.yaml or examples/lm_instruct.yaml with the overrides below
-(LM_* environment variables change the budget), runs `dvc repro evaluate` and prints test perplexity
-before/after training, BLEU/ROUGE-L for pairs, and training tokens/s.
+the source, applies the overlay examples/lm_pretrain.yaml or examples/lm_instruct.yaml to the
+committed params.yaml and then the overrides below (LM_* environment variables change the budget),
+runs `dvc repro evaluate` and prints test perplexity before/after training, BLEU/ROUGE-L for pairs,
+and training tokens/s.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from lmforge.overlay import apply_overlay, load_overlay
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -74,21 +77,17 @@ def multi30k(clone: Path) -> tuple[str, dict]:
 
 
 def apply(clone: Path, example: str, overrides: dict) -> None:
-    params = yaml.safe_load((clone / "examples" / example).read_text())
-    for section, values in overrides.items():
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(params[section].get(key), dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
-    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """params.yaml := the clone's params.yaml + the example overlay + ``overrides`` (same merge)."""
+    params = apply_overlay(yaml.safe_load((clone / "params.yaml").read_text()),
+                           load_overlay(clone / "examples" / example))
+    (clone / "params.yaml").write_text(yaml.safe_dump(apply_overlay(params, overrides), sort_keys=False))
 
 
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else ""
     setups = {"shakespeare": shakespeare, "multi30k": multi30k}
     if which not in setups:
-        sys.exit(f"usage: python benchmarks/lm.py {{{'|'.join(setups)}}}")
+        sys.exit(f"usage: python -m benchmarks.lm {{{'|'.join(setups)}}}")
     if not SHARED.is_dir():
         sys.exit(f"error: {SHARED} not found (the shared datasets folder sits beside the repo)")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

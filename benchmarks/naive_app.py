@@ -1,6 +1,6 @@
 """The baseline bench_serve.py compares BentoML with: the FastAPI app users write by hand.
 
-    python benchmarks/naive_app.py [--model models/model] [--port 8000]   # NAIVE_MODEL sets the default
+    python -m benchmarks.naive_app [--model models/model] [--port 8000]   # NAIVE_MODEL sets the default
 
 A ``transformers`` text-classification pipeline loaded from a model folder, behind POST /classify
 {"texts": [...]} -> the pipeline's [{"label", "score"}], served by uvicorn on 127.0.0.1. Deliberately

@@ -1,7 +1,7 @@
 """Soak: the BentoML service under a steady mix of good and malformed requests (issue 6: zero 5xx).
 
-    python benchmarks/soak_serve.py                                  # 300 s at concurrency 16
-    python benchmarks/soak_serve.py --seconds 20 --json /tmp/soak.json
+    python -m benchmarks.soak_serve                                  # 300 s at concurrency 16
+    python -m benchmarks.soak_serve --seconds 20 --json /tmp/soak.json
 
 Starts ``bentoml serve bento.service:Classifier --arg model=<tag>`` (as bench_serve.py does), reads the
 request limits from POST /metadata, warms up, then for ``--seconds`` keeps ``--concurrency`` requests
@@ -26,8 +26,9 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from bench_serve import REPO, bentoml_cmd, load_texts, model_info, server_env
-from serve_load import (
+
+from benchmarks.bench_serve import REPO, bentoml_cmd, load_texts, model_info, server_env
+from benchmarks.serve_load import (
     Request,
     Result,
     ServeError,
@@ -155,7 +156,7 @@ def read_limits(url: str) -> dict:
 
 
 def body_limit_of(limits: dict) -> int:
-    from bento.limits import max_body_bytes  # the service's own rule; bench_serve put REPO on sys.path
+    from bento.limits import max_body_bytes  # the service's own rule (bento/ of the repo root)
 
     return max_body_bytes(limits)
 

@@ -1,6 +1,6 @@
 """Benchmark: the pipeline on real data, SST-2, within a CPU budget (train subset, eval on its dev set).
 
-    python benchmarks/sst2.py            # SST2_TRAIN_ROWS=8000 SST2_EPOCHS=2 by default
+    python -m benchmarks.sst2            # SST2_TRAIN_ROWS=8000 SST2_EPOCHS=2 by default
 
 Reads ../shared/datasets/sst2 (never copied into the repo). In a temp `git clone` of this repo it
 writes a folder source: train = a seeded, stratified SST2_TRAIN_ROWS-row sample of SST-2 train

@@ -2,9 +2,9 @@
 
 A task is a folder of code with the same shape plus one entry here: ``lmforge/<task>/data.py``
 (prepare: ``encode_splits``), ``model.py`` (train: its LightningModule), ``evaluate.py`` (evaluate:
-``evaluate``) and ``export.py`` (export: ``ExportScorer``). Stages dispatch on ``params.task`` with one plain ``if``;
-everything they need to know about a task's outputs (metric names, validation monitors, files,
-plots, reports, the Bento's service) is read from its ``Task`` below.
+``evaluate``) and ``export.py`` (export: ``ExportScorer``). Stages dispatch on ``params.task`` with
+one plain ``if``; everything they need to know about a task's outputs (metric names, validation
+monitors, files, plots, reports, the Bento's service) is read from its ``Task`` below.
 
 Plain data, no imports of the task folders: the schema (lmforge/params.py) checks params against it.
 """

@@ -146,7 +146,7 @@ def serve_metadata(params: Params, facts: dict, run_info: dict, onnx: str = "") 
     }
 
 
-def save_model(name: str, model_dir: Path, labels: dict[str, str], metadata: dict,
+def store_model(name: str, model_dir: Path, labels: dict[str, str], metadata: dict,
                skip: tuple[str, ...] = ()) -> str:
     """Copy the model folder, less the ``skip`` files, into a new store entry ``name:<version>``;
     return its tag."""
@@ -213,7 +213,7 @@ def main(params: Params | None = None) -> dict:
 
     onnx = onnx_file(params)
     folder, skip = served_folder(params, onnx)
-    model_tag = save_model(params.package.model_name, folder, tags,
+    model_tag = store_model(params.package.model_name, folder, tags,
                            serve_metadata(params, facts, run_info, onnx), skip)
     overrides = bento_overrides(params.task)
     bento_tag = build_bento(params.package.bentofile, model_tag, {**tags, "model": model_tag},

@@ -1,4 +1,4 @@
-"""End to end for task causal_lm: each committed example params file, shrunk to a tiny model and a few
+"""End to end for task causal_lm: each committed example overlay, shrunk to a tiny model and a few
 dozen rows, through `dvc repro` (every stage, Bento included) in a copy of the repo."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from lmforge.overlay import apply_overlay, load_overlay
 from tests.test_pipeline import copy_repo, dvc
 
 pytestmark = pytest.mark.slow
@@ -23,14 +24,10 @@ TINY_TRAIN = {"batch_size": 8, "max_epochs": 3, "learning_rate": 3e-3, "log_ever
 
 
 def use_example(repo: Path, example: str, **overrides: dict) -> dict:
-    """params.yaml := the committed example, with per-section overrides merged in (one level deep)."""
-    params = yaml.safe_load((repo / "examples" / example).read_text())
-    for section, values in overrides.items():
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(params[section].get(key), dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
+    """params.yaml := the committed params.yaml + the example overlay + ``overrides`` (same merge)."""
+    params = apply_overlay(yaml.safe_load((repo / "params.yaml").read_text()),
+                           load_overlay(repo / "examples" / example))
+    params = apply_overlay(params, overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
 
