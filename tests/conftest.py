@@ -72,6 +72,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """Byte-level BPE as prepare trains it from scratch (eos/bos <|endoftext|>, pad <|pad|>), on the
+    texts and templated pairs of tests/helpers.py's make_texts and make_pairs."""
+    from tests.helpers import TEMPLATE, make_pairs, make_texts, train_bpe
+
+    corpus = make_texts() + [TEMPLATE.format(prompt=p["prompt"]) + p["response"] for p in make_pairs()]
+    return train_bpe(corpus)
+
+
 def tmp_paths(root: Path) -> dict[str, str]:
     """Every artifact path of the pipeline, moved under `root`."""
     from lmforge.params import Paths

@@ -22,7 +22,7 @@ from lmforge.common import run_main, sha256_of
 from lmforge.params import parse_params
 from stages import ingest, validate
 from tests.conftest import make_rows, tmp_paths
-from tests.test_pipeline import copy_repo, dvc, set_params
+from tests.helpers import copy_repo, dvc, set_params
 
 SOURCE = "data/tiny.csv"
 # What a failed run must leave as it was: every output of ingest, validate and prepare.

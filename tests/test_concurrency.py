@@ -18,8 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_experiments import dvc_ok, experiments, git, learning_rate, mlflow_client, wait_for_queue
-from tests.test_pipeline import dvc, tiny_repo
+from tests.helpers import (
+    dvc,
+    dvc_ok,
+    experiments,
+    git,
+    learning_rate,
+    mlflow_client,
+    tiny_repo,
+    wait_for_queue,
+)
 
 WORKERS = 4  # processes racing the first writes; more than -j 2 so the window is surely hit
 QUEUE_TIMEOUT_S = 420  # two tiny experiments side by side: ~95 s on a busy 2-core machine

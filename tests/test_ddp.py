@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import dvc, tiny_repo
+from tests.helpers import dvc, tiny_repo
 
 PROCESSES = 2
 BATCH = 8

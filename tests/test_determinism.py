@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_resume import tiny_repo
+from tests.helpers import checkpointed_repo
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def start_repro(repo: Path) -> subprocess.Popen:
 
 
 def test_two_clean_copies_train_and_evaluate_identically(tmp_path, tiny_model_dir):
-    repos = [tiny_repo(tmp_path / name, tiny_model_dir) for name in ("a", "b")]
+    repos = [checkpointed_repo(tmp_path / name, tiny_model_dir) for name in ("a", "b")]
     # At the same time: each copy sees other threads competing for the cores, as on a busy machine.
     runs = [start_repro(repo) for repo in repos]
     for run in runs:

@@ -8,17 +8,24 @@ works in its own copy of it.
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.test_pipeline import dvc, set_params, tiny_repo
+from tests.helpers import (
+    dvc,
+    dvc_ok,
+    experiments,
+    git,
+    learning_rate,
+    mlflow_client,
+    set_params,
+    tiny_repo,
+    wait_for_queue,
+)
 
 # Up to gate: every metrics file dvc.yaml declares exists; package is covered by test_pipeline.
 TARGET = "gate"
@@ -30,18 +37,6 @@ QUEUE_TIMEOUT_S = 420  # two queued runs take ~80 s on an idle 2-core machine
 EXP_VIEW = ["--only-changed", "--keep", "(accuracy|f1_macro|loss)$", "--drop",
             "Created|.*/|checks\\.|labels\\.|per_class\\.|dropped\\.|wall_s|train_samples_per_s"
             "|resumed_from_step"]
-
-
-def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
-                          capture_output=True, text=True, check=True)
-    return done.stdout.strip()
-
-
-def dvc_ok(repo: Path, *args: str) -> str:
-    run = dvc(repo, *args)
-    assert run.returncode == 0, f"dvc {' '.join(args)}:\n{run.stderr[-3000:]}"
-    return run.stdout
 
 
 @pytest.fixture(scope="module")
@@ -113,23 +108,6 @@ def test_metrics_params_and_plots_diff_against_main(repo, tmp_path):
     assert all(name in html for name in PLOTS)
 
 
-def experiments(repo: Path) -> dict[str, dict]:
-    """Name -> the data (params, metrics) of every experiment `dvc exp show` lists."""
-    show = json.loads(dvc_ok(repo, "exp", "show", "--json"))
-    return {exp["name"]: exp["revs"][0]["data"]
-            for base in show for exp in base.get("experiments") or []}
-
-
-def learning_rate(data: dict) -> float:
-    return data["params"]["params.yaml"]["data"]["train"]["learning_rate"]
-
-
-def mlflow_client(repo: Path):
-    from mlflow import MlflowClient
-
-    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")  # the repo root's store, the default
-
-
 def mlflow_runs(repo: Path) -> dict[str, object]:
     """dvc.exp_name -> the MLflow run."""
     client = mlflow_client(repo)
@@ -141,18 +119,6 @@ def mlflow_runs(repo: Path) -> dict[str, object]:
 def artifact_folders(repo: Path, run_id: str) -> set[str]:
     """Top-level artifact folders; empty when they were written to a folder that is gone."""
     return {a.path for a in mlflow_client(repo).list_artifacts(run_id)}
-
-
-def wait_for_queue(repo: Path, timeout_s: float) -> str:
-    """`dvc queue status` once nothing is queued or running; fails the test after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = dvc_ok(repo, "queue", "status")
-        if not re.search(r"\b(Queued|Running)\b", status):
-            return status
-        if time.monotonic() > deadline:
-            pytest.fail(f"the experiment queue is not done after {timeout_s} s:\n{status}")
-        time.sleep(5)
 
 
 @pytest.mark.slow

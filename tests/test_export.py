@@ -20,7 +20,7 @@ from lmforge.metrics import load_metric
 from lmforge.params import Export, Tolerance, parse_params
 from stages import export
 from tests.conftest import LABELS, REPO, tmp_paths, write_trained_model
-from tests.test_lm_evaluate import (
+from tests.helpers import (
     encode_pair,
     make_pairs,
     make_texts,
@@ -29,7 +29,6 @@ from tests.test_lm_evaluate import (
     write_model,
     write_processed,
 )
-from tests.test_lm_evaluate import tokenizer as bpe_tokenizer  # noqa: F401 - a fixture, by this name
 
 QUICK = {"latency_repeats": 2}  # latency figures are checked for presence, not precision
 METRIC_KEYS = {"size_mb", "latency_ms_batch1", "latency_ms_batch32"}
@@ -209,7 +208,7 @@ def lm_params(tmp_path, pairs: bool):
 
 
 @pytest.mark.parametrize("pairs", [False, True], ids=["text", "pairs"])
-def test_causal_lm_perplexity_matches_pytorch(tmp_path, bpe_tokenizer, pairs):  # noqa: F811
+def test_causal_lm_perplexity_matches_pytorch(tmp_path, bpe_tokenizer, pairs):
     tokenizer = bpe_tokenizer
     params = lm_params(tmp_path, pairs)
     rows = ([encode_pair(tokenizer, r) for r in make_pairs(10)] if pairs

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -17,6 +14,7 @@ from lmforge.common import UserError, write_json
 from lmforge.params import Floor, parse_params
 from stages import gate
 from tests.conftest import stop_process_group, tmp_paths, write_trained_model
+from tests.helpers import free_port, git_commit, wait_healthy
 
 EVAL = {
     "accuracy": 0.8, "f1_macro": 0.75, "f1_weighted": 0.78, "n": 9, "loss": 0.6,
@@ -81,14 +79,6 @@ def test_version_tags_carry_lineage_and_top_level_metrics():
 
 
 # --- the stage, with an MLflow sqlite store ------------------------------------------------------
-
-def git_commit(folder) -> str:
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], cwd=folder, check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=folder, check=True)
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
-                          text=True, check=True).stdout.strip()
-
 
 def stage_params(tmp_path, **gate_section):
     return parse_params({
@@ -181,23 +171,6 @@ def test_missing_run_info_names_the_stage_to_run(stage):
     assert not params.paths.gate.exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(uri: str, timeout_s: float = 120) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"no MLflow server at {uri} after {timeout_s}s")
-
-
 @pytest.mark.slow
 def test_registers_through_a_tracking_server(stage, tmp_path, monkeypatch):
     """A server returns versions as strings and validates the source against the run's artifacts."""
@@ -213,7 +186,7 @@ def test_registers_through_a_tracking_server(stage, tmp_path, monkeypatch):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(uri)
+        wait_healthy(f"{uri}/health", server, timeout_s=120, what="mlflow server")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         run_id = train_run(params)
         assert gate.main(params)["registered_version"] == 1  # an int, though the server sends "1"

@@ -17,14 +17,19 @@ import pytest
 
 from bento.prompts import fit_context, format_prompt, left_pad, stop_id_set, until_stop
 from tests.conftest import REPO
-from tests.test_package import LM_METRICS, RUN_ID, TEMPLATE, lm_params, write_trained_lm, write_upstream
-from tests.test_service import (
+from tests.helpers import (
     HOSTILE_BODIES,
+    LM_METRICS,
+    RUN_ID,
+    TEMPLATE,
     assert_every_example_works,
     assert_hostile_body_refused,
+    lm_params,
     package_tiny,
     raw_request,
     serving,
+    write_trained_lm,
+    write_upstream,
 )
 
 httpx = pytest.importorskip("httpx")  # a BentoML dependency
@@ -106,7 +111,7 @@ def test_one_prompt_gets_new_text_up_to_the_default_length(server):
     assert set(answer) == {"text", "tokens", "finish_reason"}
     assert isinstance(answer["text"], str) and answer["text"].strip()
     assert "### Prompt:" not in answer["text"]  # only the new text, not the templated prompt
-    # The tiny model never picks EOS (tests/test_package.py): it runs to the default length.
+    # The tiny model never picks EOS (tests/helpers.py, write_trained_lm): it runs to the default length.
     assert answer["tokens"] == min(64, MAX_NEW) and answer["finish_reason"] == "length"
 
 

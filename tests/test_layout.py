@@ -204,3 +204,25 @@ def test_the_checks_catch_a_stray_import_a_cycle_and_an_uncovered_file(tmp_path)
     reached = closure("stages/a.py", tmp_path)
     assert reached == {"stages/a.py", "stages/b.py", "lmforge/x.py", "lmforge/y.py"}
     assert uncovered(reached, ["stages/a.py", "lmforge"]) == {"stages/b.py"}
+
+
+def test_tests_share_helpers_through_helpers_or_conftest_only():
+    """A test module takes shared helpers from tests/helpers.py and fixtures from tests/conftest.py,
+    never from another test module: importing one runs its module code and couples the two files."""
+    found = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # Relative imports in tests/ (`from .x import y`, `from . import x`) name tests.x.
+                module = ".".join(filter(None, ["tests" if node.level else "", node.module or ""]))
+                names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if len(parts) >= 2 and parts[0] == "tests" and parts[1].startswith("test_"):
+                    found.append(f"tests/{path.name}:{node.lineno} imports {parts[0]}.{parts[1]}")
+                    break
+    assert not found, "import shared test code from tests.helpers or tests.conftest:\n" + "\n".join(found)

@@ -13,7 +13,7 @@ from lmforge.common import write_json
 from lmforge.params import Params, parse_params
 from stages import package
 from tests.conftest import REPO, bentoml_home, tmp_paths, write_trained_model
-from tests.test_package import LM_METRICS, lm_params, write_trained_lm
+from tests.helpers import LM_METRICS, lm_params, write_trained_lm
 
 DATA_SHA = "da" * 32
 

@@ -15,64 +15,22 @@ from lmforge.common import UserError, write_json
 from lmforge.params import Generation, parse_params
 from stages import evaluate
 from tests.conftest import tmp_paths
-
-EOS, PAD = "<|endoftext|>", "<|pad|>"
-TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
-COLORS = ["red", "green", "blue", "yellow", "black", "white"]
-ITEMS = ["kettle", "lamp", "mouse", "jacket", "novel", "charger", "blender", "backpack"]
-
-
-def make_pairs(n: int = 24) -> list[dict]:
-    return [{"prompt": f"what color is the {ITEMS[i % 8]} number {i}?",
-             "response": f"the {ITEMS[i % 8]} is {COLORS[i % 6]}"} for i in range(n)]
-
-
-def make_texts(n: int = 24) -> list[str]:
-    return [f"the {ITEMS[i % 8]} is {COLORS[i % 6]} and the {ITEMS[(i + 3) % 8]} is "
-            f"{COLORS[(i + 1) % 6]}, said story {i}." for i in range(n)]
+from tests.helpers import (
+    TEMPLATE,
+    encode_pair,
+    make_pairs,
+    make_texts,
+    pack_blocks,
+    tiny_gpt2,
+    write_model,
+    write_processed,
+)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """Byte-level BPE as prepare trains it from scratch: eos/bos <|endoftext|>, pad <|pad|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, min_frequency=1, special_tokens=[EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = make_texts() + [TEMPLATE.format(prompt=p["prompt"]) + p["response"] for p in make_pairs()]
-    bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=PAD)
-
-
-def tiny_gpt2(tokenizer, seed: int = 0, context: int = 64):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=32, n_layer=2,
-                        n_head=2, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return GPT2LMHeadModel(config).eval()
-
-
-def encode_pair(tokenizer, row: dict) -> dict:
-    """prepare's pair row: template + prompt masked with -100, response + EOS counted."""
-    prompt = tokenizer(TEMPLATE.format(prompt=row["prompt"]), add_special_tokens=False)["input_ids"]
-    response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
-    response += [tokenizer.eos_token_id]
-    return {"input_ids": prompt + response, "labels": [lm.IGNORE] * len(prompt) + response, **row}
-
-
-def pack_blocks(tokenizer, texts: list[str], block: int) -> list[dict]:
-    """prepare's plain-text rows: documents + EOS concatenated, cut into blocks (last one partial)."""
-    ids = [t for text in texts
-           for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
-    return [{"input_ids": ids[i : i + block], "labels": ids[i : i + block]}
-            for i in range(0, len(ids), block)]
+def tokenizer(bpe_tokenizer):
+    """The byte-level BPE of tests/conftest.py, by the name these tests use."""
+    return bpe_tokenizer
 
 
 def lm_params(tmp_path, pairs: bool, **evaluate_cfg):
@@ -91,24 +49,6 @@ def lm_params(tmp_path, pairs: bool, **evaluate_cfg):
     if pairs:
         raw["data"] = {"prompt_column": "prompt", "response_column": "response"}
     return parse_params(raw)
-
-
-def write_processed(params, tokenizer, splits: dict[str, list[dict]]) -> None:
-    from datasets import Dataset, DatasetDict
-
-    DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
-        str(params.paths.processed / "datasets"))
-
-
-def write_model(params, model, tokenizer, pairs: bool) -> None:
-    """What train leaves in paths.model for causal_lm: safetensors, tokenizer, lm.json."""
-    folder = params.paths.model
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    write_json(folder / "lm.json", {
-        "task": "causal_lm", "format": "pairs" if pairs else "text",
-        "template": TEMPLATE if pairs else None, "block_size": 32, "max_length": 64,
-        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
 
 
 def fit_a_little(model, rows: list[dict], steps: int = 30):

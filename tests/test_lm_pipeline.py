@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from lmforge.overlay import apply_overlay, load_overlay
-from tests.test_pipeline import copy_repo, dvc
+from tests.helpers import copy_repo, dvc
 
 pytestmark = pytest.mark.slow
 

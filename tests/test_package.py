@@ -1,7 +1,8 @@
 """Package: the trained model enters the BentoML store with its lineage; a Bento is built around it.
 
 The fake upstream outputs (run info, eval metrics, manifest, validation verdict) and the tiny causal
-LM train output are shared with tests/test_service.py and tests/test_generate_service.py.
+LM train output, shared with tests/test_service.py and tests/test_generate_service.py, are in
+tests/helpers.py.
 """
 
 from __future__ import annotations
@@ -13,79 +14,9 @@ import pytest
 
 from lmforge import tracking
 from lmforge.common import UserError, read_json, write_json
-from lmforge.params import Params, parse_params
 from stages import package
-from tests.conftest import LABELS, REPO, bentoml_home, tmp_paths, write_trained_model
-
-RUN_ID = "0123456789abcdef"
-DATA_SHA = "ab" * 32
-CLASSIFIER_METRICS = {"accuracy": 0.875, "f1_macro": 0.8611}
-LM_METRICS = {"perplexity": 123.456, "perplexity_start": 301.2, "loss": 4.8158, "tokens": 900,
-              "n": 12, "bleu": 3.5, "rouge1": 0.2, "rouge2": 0.05, "rougeL": 0.1875, "generated": 12}
-TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
-EOS, PAD = "<|endoftext|>", "<|pad|>"
-LM_TEXTS = [
-    "the kettle boils water fast", "a lamp lights the room at night", "the mouse clicks and scrolls",
-    "### Prompt:\nname a fruit\n### Response:\nan apple", "the jacket keeps the rain out",
-    "### Prompt:\nsay hi\n### Response:\nhello there", "my novel has seven short chapters",
-]
-
-
-def write_upstream(params, metrics: dict = CLASSIFIER_METRICS) -> None:
-    """The other inputs of package: run info, eval metrics, data manifest, validation verdict."""
-    write_json(params.paths.run_info, {"run_id": RUN_ID, "experiment_id": "1",
-                                       "tracking_uri": "sqlite:///mlflow.db"})
-    write_json(params.paths.eval_metrics, metrics)
-    write_json(params.paths.manifest, {"source_sha256": DATA_SHA})
-    write_json(params.paths.validation, {"success": True, "checks_failed": 0})
-
-
-def lm_params(root: Path, pairs: bool = True, **sections) -> Params:
-    """causal_lm params of a tiny run under ``root`` (the contract's minimal dict)."""
-    raw = {
-        "task": "causal_lm", "paths": tmp_paths(root),
-        "model": {"source": "scratch", "scratch": {"layers": 2, "heads": 2, "hidden": 32,
-                                                   "context": 64, "vocab_size": 300}},
-        "prepare": {"block_size": 32, "max_length": 64, "template": TEMPLATE},
-        "train": {"early_stopping": {"monitor": "val_loss", "mode": "min", "patience": 2}},
-        "evaluate": {"generation": {"max_new_tokens": 16}},  # room for a prompt in 64 positions
-        "gate": {"floors": {"perplexity": {"max": 1e9}},
-                 "tolerances": {"perplexity": {"direction": "lower", "rel": 0.1}}},
-        "package": {"model_name": "lmforge-lm"},
-        **({"data": {"prompt_column": "prompt", "response_column": "response"}} if pairs else {}),
-    }
-    return parse_params({**raw, **sections})
-
-
-def write_trained_lm(model_dir: Path, fmt: str = "pairs", context: int = 64) -> None:
-    """What train leaves in paths.model for causal_lm: a 2-layer GPT-2 (safetensors,
-    generation_config.json), a byte-level BPE tokenizer trained on LM_TEXTS, lm.json."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(LM_TEXTS, trainers.BpeTrainer(
-        vocab_size=300, min_frequency=1, special_tokens=[EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS,
-                                        pad_token=PAD)
-    tokenizer.save_pretrained(str(model_dir))
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=32, n_layer=2,
-                        n_head=2, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
-    torch.manual_seed(0)  # a fixed random init: greedy generation is the same in every run
-    model = GPT2LMHeadModel(config)
-    with torch.no_grad():
-        # The output embedding is tied to the input one: a zero row gives EOS and PAD logit 0,
-        # below the best of ~300 random logits, so greedy text runs to max_new_tokens.
-        model.transformer.wte.weight[[eos, pad]] = 0
-    model.save_pretrained(str(model_dir))
-    write_json(model_dir / "lm.json", {
-        "task": "causal_lm", "format": fmt, "template": TEMPLATE if fmt == "pairs" else None,
-        "block_size": 32, "max_length": 64, "eos_token_id": eos, "pad_token_id": pad})
+from tests.conftest import LABELS, REPO, bentoml_home, write_trained_model
+from tests.helpers import DATA_SHA, LM_METRICS, RUN_ID, TEMPLATE, lm_params, write_trained_lm, write_upstream
 
 
 def test_main_stores_model_with_lineage_and_builds_bento(

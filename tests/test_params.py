@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from typing import get_args, get_origin
 
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,64 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_rows
+from tests.conftest import make_rows
+from tests.helpers import copy_repo, dvc, serving, set_params, tiny_repo
 
 pytestmark = pytest.mark.slow
-
-
-def copy_repo(dest: Path) -> Path:
-    """Copy what git would clone (tracked + untracked-not-ignored files) and make it a git repo."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
-    return dest
-
-
-def dvc(repo: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
-    # Stage commands run `python -m stages.x`: put this interpreter's bin first on PATH.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    env = {**os.environ, "PATH": path, **env_vars}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: sqlite:///mlflow.db in the repo
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True
-    )
-
-
-def set_params(repo: Path, **sections: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for name, values in sections.items():
-        params[name].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def tiny_repo(dest: Path, tiny_model_dir: Path, n_per_class: int = 12, seed: int = 3,
-              export: bool = False, **train) -> Path:
-    """A copy of the repo on tiny params: the tiny BERT, a make_rows CSV, a few steps, floors off,
-    stage export off unless asked for (it adds ~10 s to every full repro)."""
-    repo = copy_repo(dest)
-    make_rows(n_per_class=n_per_class, seed=seed).to_csv(repo / "data/tiny.csv", index=False)
-    set_params(
-        repo,
-        model={"source": str(tiny_model_dir)},
-        prepare={"max_length": 32},
-        data={"source": "data/tiny.csv", "split": {"validation": 0.25, "test": 0.25}},
-        train={"batch_size": 8, "max_epochs": 1, "learning_rate": 1e-3, "log_every_n_steps": 1,
-               **train},
-        gate={"floors": {"accuracy": {"min": 0.0}}},  # a tiny model on few rows: any score passes
-        # int8 may flip a near-tie of the tiny model on its 9 test rows (0.11 each): the stage's
-        # tolerance checks are tests/test_export.py's; here it must run end to end.
-        export={"enabled": export, "tolerances": {"accuracy": {"direction": "higher", "abs": 0.5}}},
-    )
-    return repo
 
 
 @pytest.fixture
@@ -193,8 +138,6 @@ def service_workers(port: int) -> list:
 
 def assert_serves_onnx_and_refuses_long_texts(repo: Path, home: Path, model_tag: str) -> None:
     import httpx
-
-    from tests.test_service import serving
 
     with serving("bento.service:Classifier", home, repo, repo / "serve.log",
                  args=("--arg", f"model={model_tag}")) as url:

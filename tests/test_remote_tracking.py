@@ -7,11 +7,8 @@ must win, and every param, metric, tag, artifact and registry version must land 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,40 +18,9 @@ from lmforge.common import read_json, write_json
 from lmforge.params import Floor
 from stages import evaluate, gate, train
 from tests.conftest import stop_process_group
+from tests.helpers import free_port, git_commit, wait_healthy
 
 DATA_SHA = "5e" * 32
-STARTUP_TIMEOUT_S = 90  # ~12 s on an idle 2-core machine; shared CI machines are slower
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> float:
-    """Seconds until /health answers; fails with the server's log if it exits or takes too long."""
-    started = time.monotonic()
-    while time.monotonic() - started < STARTUP_TIMEOUT_S:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"mlflow server not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def git_commit(folder: Path) -> str:
-    """Make `folder` a git repository with one (empty) commit; return its hash."""
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], cwd=folder, check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "c"], cwd=folder, check=True)
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True)
-    return out.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +42,7 @@ def mlflow_server(tmp_path_factory):
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        startup_s = wait_healthy(url, proc, log)
+        startup_s = wait_healthy(f"{url}/health", proc, log, what="mlflow server")
         print(f"\nmlflow server healthy after {startup_s:.1f} s")
         yield url, root
     finally:

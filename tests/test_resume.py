@@ -15,19 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_pipeline import dvc
-from tests.test_pipeline import tiny_repo as pipeline_tiny_repo
+from tests.helpers import checkpointed_repo, dvc
 
 pytestmark = pytest.mark.slow
 
-EVERY = 2  # checkpoint_every_n_steps
 STEPS = 2 * 15  # 2 epochs of 60 train rows in batches of 4
-
-
-def tiny_repo(dest: Path, tiny_model_dir: Path) -> Path:
-    """A copy of the repo on the tiny model and 120 rows: 15 optimizer steps per epoch."""
-    return pipeline_tiny_repo(dest, tiny_model_dir, n_per_class=40, seed=5, batch_size=4,
-                              max_epochs=2, learning_rate=5e-3, checkpoint_every_n_steps=EVERY)
 
 
 def outcome(repo: Path) -> tuple[dict, bytes, str]:
@@ -61,7 +53,7 @@ def kill_after_first_checkpoint(repo: Path, timeout_s: float = 120) -> int:
 
 
 def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
-    crashed = tiny_repo(tmp_path / "crashed", tiny_model_dir)
+    crashed = checkpointed_repo(tmp_path / "crashed", tiny_model_dir)
     run = dvc(crashed, "repro", "prepare")
     assert run.returncode == 0, run.stderr[-3000:]
     # The twin starts from the same prepared data (its lock says prepare is up to date).

@@ -9,34 +9,25 @@ retrain: `dvc repro --allow-missing` finds every stage unchanged and leaves the 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import stop_process_group
-from tests.test_pipeline import tiny_repo
+from tests.helpers import free_port, git, tiny_repo, wait_healthy
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "lmforge"
 TARGET = "gate"  # package builds a Bento, which the storage round trip does not need
-STARTUP_TIMEOUT_S = 90
 # Dummy credentials for moto. The shared AWS config files are set per test to empty ones, so no
 # real profile on this machine is read (botocore refuses /dev/null).
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(cmd: list[str], health_url: str, log: Path, env: dict) -> subprocess.Popen:
@@ -44,17 +35,13 @@ def start_server(cmd: list[str], health_url: str, log: Path, env: dict) -> subpr
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    started = time.monotonic()
-    while time.monotonic() - started < STARTUP_TIMEOUT_S:
-        if proc.poll() is not None:
-            pytest.fail(f"{cmd[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(health_url, timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.25)
-    stop_process_group(proc)
-    pytest.fail(f"{cmd[0]} not answering after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    try:
+        wait_healthy(health_url, proc, log, what=cmd[0])
+    except BaseException:  # pytest.fail: not answering, or exited
+        if proc.poll() is None:
+            stop_process_group(proc)
+        raise
+    return proc
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,12 +113,6 @@ def run_dvc(repo: Path, *args: str, aws: bool = True, **env_vars: str) -> str:
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
-def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
-                          capture_output=True, text=True, check=True)
     return done.stdout
 
 

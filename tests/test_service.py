@@ -7,22 +7,25 @@ repo root (as a user runs it) and is killed, with its worker processes, at the e
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from lmforge.params import parse_params
-from stages import package
-from tests.conftest import LABELS, REPO, bentoml_home, stop_process_group, tmp_paths, write_trained_model
-from tests.test_package import RUN_ID, write_upstream
+from tests.conftest import LABELS, REPO, tmp_paths, write_trained_model
+from tests.helpers import (
+    HOSTILE_BODIES,
+    RUN_ID,
+    assert_every_example_works,
+    assert_hostile_body_refused,
+    package_tiny,
+    raw_request,
+    serving,
+    write_upstream,
+)
 
 httpx = pytest.importorskip("httpx")  # a BentoML dependency
 
@@ -31,60 +34,6 @@ TEXTS = [
     "the kettle is great and fast", "awful lamp , it broke", "okay , the mouse arrived",
     "love the sturdy jacket", "slow noisy charger returned", "plain average novel 7",
 ]
-START_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"bentoml serve not ready after {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
-
-
-@contextmanager
-def serving(target: str, home: Path, cwd: Path, log: Path, host: str | None = "127.0.0.1",
-            args: tuple[str, ...] = ()):
-    """Run `bentoml serve <target> <args>` on a free 127.0.0.1 port; yield its URL; kill it on exit.
-
-    ``host=None`` passes no --host: the service's own default binding applies.
-    """
-    port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    env.pop("BENTOML_HOST", None)
-    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", target, *args,
-           "--port", str(port)]
-    cmd += ["--host", host] if host else []
-    with log.open("w") as out:
-        # A session of its own: the teardown kills BentoML's worker processes with it.
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        started = time.monotonic()
-        wait_ready(url, proc, log)
-        print(f"`bentoml serve {target}` ready in {time.monotonic() - started:.1f}s")
-        yield url
-    finally:
-        stop_process_group(proc)
-
-
-def package_tiny(params, home: Path) -> dict:
-    with pytest.MonkeyPatch.context() as mp, bentoml_home(home):
-        mp.chdir(REPO)  # the build context, as under `dvc repro`
-        return package.main(params)
 
 
 @pytest.fixture(scope="module")
@@ -197,55 +146,11 @@ def test_bad_request_is_a_4xx_naming_the_problem(server, body, message):
     assert message in resp.text
 
 
-# Bodies no JSON client sends on purpose; each must get a 4xx, never a 500. Shared with
-# tests/test_generate_service.py: (name, body bytes, content type).
-HOSTILE_BODIES = [
-    ("non-UTF-8 bytes", b'{"texts": ["caf\xe9 \xff\xfe"]}', "application/json"),
-    ("lone surrogate", b'{"texts": ["half an emoji \\ud83d"]}', "application/json"),
-    ("JSON array", b'["fine"]', "application/json"),
-    ("JSON null", b"null", "application/json"),
-    ("empty body", b"", "application/json"),
-    ("form-encoded", b"texts=fine", "application/x-www-form-urlencoded"),
-    ("binary", bytes(range(256)), "application/octet-stream"),
-    ("multipart without boundary", b'{"texts": ["fine"]}', "multipart/form-data"),
-    ("multipart garbage", b"not multipart", "multipart/form-data; boundary=xyz"),
-]
-
-
-def assert_hostile_body_refused(endpoint: str, body: bytes, content_type: str) -> None:
-    """POST a HOSTILE_BODIES entry: a 4xx with a JSON error, never a 500."""
-    resp = httpx.post(endpoint, content=body, headers={"content-type": content_type}, timeout=30)
-    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text[:300])
-    assert "error" in resp.text
-
-
 @pytest.mark.parametrize(("body", "content_type"), [c[1:] for c in HOSTILE_BODIES],
                          ids=[c[0] for c in HOSTILE_BODIES])
 def test_hostile_body_is_a_4xx_not_a_500(server, body, content_type):
     url, _ = server
     assert_hostile_body_refused(f"{url}/classify", body, content_type)
-
-
-def openapi_examples(url: str) -> dict[str, dict]:
-    """{route: request example} of every POST endpoint on the service's OpenAPI page."""
-    spec = httpx.get(f"{url}/docs.json", timeout=10).json()
-    found = {}
-    for route, ops in spec["paths"].items():
-        if "post" in ops:
-            [media] = ops["post"]["requestBody"]["content"].values()
-            found[route] = media["schema"].get("example")
-    return found
-
-
-def assert_every_example_works(url: str, routes: set[str], timeout_s: float) -> None:
-    """The OpenAPI page has an example for each of ``routes`` (and no other POST endpoint), and
-    posting each one as is gets 200."""
-    examples = openapi_examples(url)
-    assert set(examples) == routes
-    for route, example in examples.items():
-        assert example is not None, f"{route} has no example on /docs.json"
-        resp = httpx.post(f"{url}{route}", json=example, timeout=timeout_s)
-        assert resp.status_code == 200, (route, resp.text[:300])
 
 
 def test_openapi_page_has_a_working_example_for_every_endpoint(server):
@@ -278,25 +183,6 @@ def test_built_bento_serves_its_pinned_model_by_tag(server, packaged):
 
 
 # --- security: body size and binding ----------------------------------------------------------
-
-
-def raw_request(url: str, head: str, body: bytes) -> bytes:
-    """Send a request head and (part of) a body over a plain socket; return the response's start."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(head.encode() + body)
-        answer = b""
-        # Head and body of the answer may arrive in separate packets: read until the server
-        # closes (a 413 comes with `connection: close`), or 64 KiB.
-        while len(answer) < 65536:
-            try:
-                part = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not part:
-                break
-            answer += part
-        return answer
 
 
 def test_oversized_body_is_refused_before_it_is_read(server):
