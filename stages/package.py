@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from lmforge.common import UserError, read_json, run_main, write_json
-from lmforge.models import require_safetensors
+from lmforge.models import require_trained
 from lmforge.params import Params, load_params
 from lmforge.tasks import CAUSAL_LM, CLASSIFICATION, task
 from lmforge.tracking import lineage_tags, params_hash, redact_uri
@@ -34,19 +34,9 @@ from lmforge.tracking import lineage_tags, params_hash, redact_uri
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 
 
-def require_model_folder(model_dir: Path, files: tuple[str, ...]) -> None:
-    """Refuse a train output that lacks ``files`` or safetensors weights, naming what is missing."""
-    if not model_dir.is_dir():
-        raise UserError(f"model folder {model_dir} not found: run `dvc repro train` first")
-    missing = [f for f in files if not (model_dir / f).exists()]
-    if missing:
-        raise UserError(f"model folder {model_dir} lacks {missing}: rerun `dvc repro train`")
-    require_safetensors(model_dir)  # the services load safetensors only: refuse before building
-
-
 def model_label_names(model_dir: Path) -> list[str]:
     """The class names in id order, after checking the folder is a complete train output."""
-    require_model_folder(model_dir, ("config.json", "labels.json"))
+    require_trained(model_dir, "labels.json")  # the services load safetensors only
     id2label = json.loads((model_dir / "labels.json").read_text())["id2label"]
     config_labels = json.loads((model_dir / "config.json").read_text()).get("id2label", {})
     # The service names classes from config.json; labels.json is what the data stages used.
@@ -60,7 +50,7 @@ def model_label_names(model_dir: Path) -> list[str]:
 
 def lm_settings(model_dir: Path) -> dict:
     """Prompt format, template and context length of a complete causal LM train output."""
-    require_model_folder(model_dir, ("config.json", "lm.json"))
+    require_trained(model_dir, "lm.json")
     lm = json.loads((model_dir / "lm.json").read_text())
     config = json.loads((model_dir / "config.json").read_text())
     fmt, template = lm.get("format"), lm.get("template")
