@@ -416,6 +416,14 @@ class Serve(Section):
     runtime: Literal["torch", "onnx", "onnx_int8"] = Field(
         "torch", description="classification: serve the PyTorch weights, or stage export's ONNX "
         "model (fp32 or dynamic int8).")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key(s) (comma-separated, for "
+        "rotation) that every route but health and metrics requires as `Authorization: Bearer "
+        "<key>`. null: no keys. The keys themselves never go into params or the Bento.")
+    allow_anonymous: bool = Field(
+        False, description="Serve without keys on a non-loopback host (--host 0.0.0.0). Off: the "
+        "service refuses to start there unless api_key_env names a variable that is set.")
 
 
 class Floor(Section):
