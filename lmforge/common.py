@@ -34,6 +34,7 @@ def run_main(main: Callable[[], object]) -> None:
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON atomically: a crash mid-write never leaves a truncated metrics file behind."""
+    fail_point([path])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -63,30 +64,74 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+# Reserved for tests: a path (as the stage names it, e.g. metrics/train.json) whose write fails
+# with an injected error just before it would land, so a test can prove what a failure leaves.
+FAIL_ENV = "LMFORGE_TEST_FAIL_WRITING"
+
+
+def fail_point(dests) -> None:
+    """Raise the injected failure when FAIL_ENV names one of ``dests``; a no-op otherwise."""
+    target = os.environ.get(FAIL_ENV)
+    if target and any(Path(target) == Path(d) for d in dests):
+        raise RuntimeError(f"injected failure before writing {target} ({FAIL_ENV})")
+
+
+def _clear_aside(dest: Path) -> tuple[Path, Path]:
+    """The staging box and old copy of ``dest``; a kill mid-swap is repaired, leftovers go."""
+    box, old = dest.with_name(f".{dest.name}.new"), dest.with_name(f".{dest.name}.old")
+    if old.exists() and not dest.exists():  # killed between moving dest aside and the new in
+        old.rename(dest)
+    for leftover in (box, old):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink(missing_ok=True)
+    return box, old
+
+
+def _swap_in(new: Path, dest: Path, old: Path) -> None:
+    if new.is_dir() and dest.exists():
+        dest.rename(old)  # a folder cannot replace a folder in one rename
+        new.rename(dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, dest)
+
+
+@contextmanager
+def write_aside(*dests: Path) -> Iterator[list[Path]]:
+    """Write a stage's outputs aside and swap them in together: the one rule for every output.
+
+    Yields, per dest, a path with the same name inside a hidden box beside it (same file system,
+    so the swap is a rename; same name, so MLflow logs staged files under their real names). The
+    caller makes a file or a folder there. When the block ends normally every written output
+    replaces its dest, one after the other with nothing in between that can fail; an output not
+    written leaves its dest alone. When the block raises, every dest is left exactly as it was.
+    """
+    dest_paths = [Path(d) for d in dests]
+    staged = []
+    try:
+        for dest in dest_paths:
+            box, _ = _clear_aside(dest)
+            box.mkdir(parents=True)
+            box.chmod(0o755)  # a server reading the output may run as another user
+            staged.append(box / dest.name)
+        yield staged
+        fail_point(dest_paths)
+        for new, dest in zip(staged, dest_paths, strict=True):
+            if new.exists():
+                _swap_in(new, dest, dest.with_name(f".{dest.name}.old"))
+    finally:
+        for dest in dest_paths:
+            shutil.rmtree(dest.with_name(f".{dest.name}.new"), ignore_errors=True)
+
+
 @contextmanager
 def replace_dir(dest: Path) -> Iterator[Path]:
-    """Write a folder aside and swap it in: the one rule for every stage output folder.
-
-    Yields an empty folder beside ``dest`` (same file system, so the swap is a rename). When the
-    block ends normally it replaces ``dest``; the old folder is removed only once the new one is in
-    place. When the block raises, ``dest`` is left exactly as it was. A run killed mid-swap leaves
-    ``.<name>.old`` without ``dest``: the next call puts it back before anything else.
-    """
-    new, old = dest.with_name(f".{dest.name}.new"), dest.with_name(f".{dest.name}.old")
-    if old.exists() and not dest.exists():
-        old.rename(dest)
-    for leftover in (new, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    new.mkdir(parents=True)
-    new.chmod(0o755)  # a server reading the folder may run as another user
-    try:
+    """write_aside for one folder: yields it empty, swaps it in when the block ends normally."""
+    with write_aside(dest) as (new,):
+        new.mkdir()
         yield new
-        if dest.exists():
-            dest.rename(old)
-        new.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(new, ignore_errors=True)
 
 
 DIGITS = 6  # decimals kept in metrics files

@@ -9,10 +9,11 @@ Each section belongs to one stage (``data`` -> ingest, ``validate`` -> validate,
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -40,6 +41,8 @@ class Section(BaseModel):
 class Paths(Section):
     """Where each artifact lives, relative to the repo root. dvc.yaml templates these (``${paths.x}``)."""
 
+    check: Path = Field(Path("metrics/check.json"), description="Stage check's verdict: params.yaml "
+                        "valid and its inputs present (the same bytes whenever they are).")
     raw: Path = Field(Path("data/raw"), description="Immutable byte-for-byte copy of the source.")
     interim: Path = Field(Path("data/interim"), description="Cleaned splits as Parquet.")
     processed: Path = Field(Path("data/processed"), description="Tokenized splits, tokenizer, labels.")
@@ -577,6 +580,48 @@ class Params(Section):
         return self
 
 
+def section_model(loc: tuple) -> type[BaseModel] | None:
+    """The schema model a key path leads to (``("train",)`` -> Train), through optional sections
+    and maps of named entries (``("gate", "floors", "accuracy")`` -> Floor); None off the schema."""
+    model: type[BaseModel] | None = Params
+    for i, part in enumerate(loc):
+        if model is None:
+            return None
+        fields = {f.alias or name: f for name, f in model.model_fields.items()}
+        if part not in fields:
+            return None
+        annotation = fields[part].annotation
+        if get_origin(annotation) is dict:  # the next part names an entry, not a field
+            entry = get_args(annotation)[1]
+            return section_model_from(entry, loc[i + 2:])
+        model = next((k for k in get_args(annotation) or (annotation,)
+                      if isinstance(k, type) and issubclass(k, BaseModel)), None)
+    return model
+
+
+def section_model_from(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    if not loc:
+        return model
+    fields = {f.alias or name: f for name, f in model.model_fields.items()}
+    if loc[0] not in fields:
+        return None
+    annotation = fields[loc[0]].annotation
+    inner = next((k for k in get_args(annotation) or (annotation,)
+                  if isinstance(k, type) and issubclass(k, BaseModel)), None)
+    return section_model_from(inner, loc[1:]) if inner else None
+
+
+def unknown_key_message(loc: tuple) -> str:
+    """An unknown key's message, with the closest known key of its section when there is one."""
+    model = section_model(loc[:-1])
+    known = [f.alias or name for name, f in model.model_fields.items()] if model else []
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key: did you mean '{close[0]}'?"
+    where = f"; this section's keys: {', '.join(known)}" if known else ""
+    return f"unknown key (misspelled, or not a setting of this section){where}"
+
+
 def format_errors(err: ValidationError, source: str) -> str:
     """One line per problem, each naming the dotted key path (``train.lerning_rate``)."""
     count = sum(len(e["msg"].splitlines()) if not e["loc"] else 1 for e in err.errors())
@@ -585,7 +630,7 @@ def format_errors(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (misspelled, or not a setting of this section)"
+            msg = unknown_key_message(e["loc"])
         if not e["loc"]:  # the cross-section checks: one problem per line, each naming its key
             lines += [f"  - {line}" for line in msg.splitlines()]
             continue

@@ -172,7 +172,15 @@ def flat_params(params: Params, sections: tuple[str, ...]) -> dict[str, str]:
 
 
 def start_run(params: Params, sections: tuple[str, ...], data_hash: str) -> str:
-    """Open a new run (tags + resolved params), record its id in paths.run_info, return the id."""
+    """Open a new run (tags + resolved params), record it in paths.run_info, return its id."""
+    info = new_run(params, sections, data_hash)
+    write_json(params.paths.run_info, info)
+    return info["run_id"]
+
+
+def new_run(params: Params, sections: tuple[str, ...], data_hash: str) -> dict:
+    """Open a new run (tags + resolved params); return what paths.run_info records of it. Stage
+    train writes that only with the model it trained, so a failed run never replaces it."""
     import mlflow
 
     # Read before set_tracking_uri, which overwrites MLFLOW_TRACKING_URI in os.environ.
@@ -183,10 +191,8 @@ def start_run(params: Params, sections: tuple[str, ...], data_hash: str) -> str:
         mlflow.log_params(flat_params(params, sections))
     # As configured, not resolved: a relative store stays relative to wherever the repo is cloned.
     # Without its password: run.json is committed and travels into the Bento's labels.
-    info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
             "tracking_uri": redact_uri(configured)}
-    write_json(params.paths.run_info, info)
-    return run.info.run_id
 
 
 @contextmanager

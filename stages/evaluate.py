@@ -12,19 +12,30 @@ misclassified rows the model was surest about); causal_lm: lmforge/causal_lm/eva
 from __future__ import annotations
 
 from lmforge import tracking
-from lmforge.common import run_main
+from lmforge.common import run_main, write_aside
 from lmforge.params import Params, load_params
 from lmforge.tasks import CAUSAL_LM
 
 
 def main(params: Params | None = None) -> dict:
     params = params or load_params()
-    tracking.run_id(params.paths.run_info)  # fail before the slow part when train never ran
+    paths = params.paths
+    tracking.run_id(paths.run_info)  # fail before the slow part when train never ran
     if params.task == CAUSAL_LM:
         from lmforge.causal_lm.evaluate import evaluate
     else:
         from lmforge.classification.evaluate import evaluate
-    return evaluate(params)
+    # The task writes into staged copies of its three outputs, swapped in together when it
+    # succeeds: a failed evaluation leaves the last good metrics, plots and reports as they were.
+    with write_aside(paths.eval_metrics, paths.eval_plots, paths.eval_reports) as staged:
+        metrics, plots, reports = staged
+        plots.mkdir()
+        reports.mkdir()
+        aside = paths.model_copy(update={"eval_metrics": metrics, "eval_plots": plots,
+                                         "eval_reports": reports})
+        result = evaluate(params.model_copy(update={"paths": aside}))
+    print(f"evaluate: -> {paths.eval_metrics}, {paths.eval_plots}, {paths.eval_reports}")
+    return result
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
-from lmforge.common import UserError, read_json, replace_dir, run_main, write_json
+from lmforge.common import UserError, read_json, run_main, write_aside, write_json
 from lmforge.compare import judge, tolerance_text
 from lmforge.models import PICKLED, require_trained
 from lmforge.onnx import (
@@ -117,9 +117,10 @@ def fill_folder(params: Params, scorer, folder: Path) -> None:
 
 def write_disabled(paths) -> dict:
     """export.enabled false: both DVC outputs still exist, saying the stage is off."""
-    with replace_dir(paths.export) as folder:
+    with write_aside(paths.export, paths.export_report) as (folder, report):
+        folder.mkdir()
         write_json(folder / MANIFEST, {"enabled": False, "reason": "export.enabled is false in params"})
-    write_json(paths.export_report, {"enabled": False})
+        write_json(report, {"enabled": False})
     print(f"export: off (export.enabled false) -> {paths.export_report}")
     return {"enabled": False}
 
@@ -164,16 +165,21 @@ def main(params: Params | None = None) -> dict:
     else:
         from lmforge.classification.export import ExportScorer
     scorer = ExportScorer(params)
-    with replace_dir(paths.export) as staging:
-        report = build(params, scorer, staging)
-        write_json(paths.export_report, report)
-        print(f"export: {params.task}, {report['rows']} test rows, {time.perf_counter() - start:.1f} s "
-              f"-> {paths.export}, {paths.export_report}")
-        print(table(report))
-        if not report["passed"]:  # raised inside: a failed export never replaces a good one
-            raise UserError(f"export: {len(report['failures'])} drop(s) beyond export.tolerances "
-                            f"(report: {paths.export_report}; {paths.export} left as it was):\n"
-                            + "\n".join(f"  - {f}" for f in report["failures"]))
+    # Written aside, swapped in together. Beyond tolerance, the report (the verdict) still lands
+    # but the export folder does not: a failed export never replaces a good one.
+    with write_aside(paths.export, paths.export_report) as (folder, report_file):
+        folder.mkdir()
+        report = build(params, scorer, folder)
+        if not report["passed"]:
+            shutil.rmtree(folder)
+        write_json(report_file, report)
+    print(f"export: {params.task}, {report['rows']} test rows, {time.perf_counter() - start:.1f} s "
+          f"-> {paths.export}, {paths.export_report}")
+    print(table(report))
+    if not report["passed"]:
+        raise UserError(f"export: {len(report['failures'])} drop(s) beyond export.tolerances "
+                        f"(report: {paths.export_report}; {paths.export} left as it was):\n"
+                        + "\n".join(f"  - {f}" for f in report["failures"]))
     return report
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmforge.common import SPLITS, UserError, replace_dir, run_main, sha256_of, write_json
+from lmforge.common import SPLITS, UserError, run_main, sha256_of, write_aside, write_json
 from lmforge.data.cleaning import clean_table, labels_as_strings, row_key, text_columns
 from lmforge.data.sources import HF_PREFIX, delimiter_hint, load_source
 from lmforge.params import Data, Params, load_params
@@ -186,11 +186,13 @@ def main(params: Params | None = None) -> dict:
     splits, dropped = make_splits(tables, data, params.task)  # all checks pass before any write
     # dvc.yaml persists these outputs, so a failed run leaves the last good ones in place; new ones
     # are written aside and swapped in only once complete.
-    with replace_dir(paths.raw) as raw, replace_dir(paths.interim) as interim:
+    with write_aside(paths.raw, paths.interim, paths.manifest) as (raw, interim, manifest_file):
+        raw.mkdir()
+        interim.mkdir()
         copy_raw(data, tables, raw)
         write_splits(splits, interim)
         manifest = build_manifest(splits, dropped, data, sha256_of(raw), params.task)
-    write_json(paths.manifest, manifest)
+        write_json(manifest_file, manifest)
     n_dropped = sum(sum(d.values()) for d in dropped.values())
     print(f"ingest: {manifest['rows']} rows, {n_dropped} dropped {dropped} -> {paths.interim}")
     return manifest

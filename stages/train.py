@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 
 from lmforge import tracking
-from lmforge.common import read_json, replace_dir, run_main, sha256_of, write_json
+from lmforge.common import read_json, run_main, sha256_of, write_aside, write_json
 from lmforge.models import load_tokenizer
 from lmforge.params import Params, load_params
 from lmforge.tasks import CAUSAL_LM, MODEL_SECTIONS, task
@@ -46,20 +46,20 @@ def start_module(params: Params, tokenizer, meta: dict) -> L.LightningModule:
     return clf.ClassifierModule(model, params.train)
 
 
-def write_model(params: Params, module: L.LightningModule, tokenizer, meta: dict) -> None:
-    """paths.model, written aside and swapped in: the weights (causal_lm: LoRA merged, generation
-    config), tokenizer, and prepare's labels.json or lm.json."""
+def write_model(params: Params, module: L.LightningModule, tokenizer, meta: dict, folder: Path) -> None:
+    """The model folder: the weights (causal_lm: LoRA merged, generation config), tokenizer, and
+    prepare's labels.json or lm.json."""
     model = module.model
     if params.task == CAUSAL_LM:
         from lmforge.causal_lm.model import for_export
 
         model = for_export(model, meta)
-    with replace_dir(params.paths.model) as folder:
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
-        write_json(folder / task(params.task).meta_file, meta)
-        for f in folder.iterdir():  # some writers leave private (0600) files; a server may be another user
-            f.chmod(0o644)
+    folder.mkdir()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    write_json(folder / task(params.task).meta_file, meta)
+    for f in folder.iterdir():  # some writers leave private (0600) files; a server may be another user
+        f.chmod(0o644)
 
 
 def manifest_hash(manifest: Path) -> str:
@@ -69,7 +69,7 @@ def manifest_hash(manifest: Path) -> str:
     return json.loads(manifest.read_text()).get("source_sha256", "unknown")
 
 
-def log_outputs(params: Params, run_id: str, metrics: dict, plots: list[Path]) -> None:
+def log_outputs(params: Params, run_id: str, metrics: dict, plots: list[Path], model: Path) -> None:
     import mlflow
 
     mlflow.flush_async_logging()  # the logger's per-step metrics land before the run is read
@@ -80,21 +80,21 @@ def log_outputs(params: Params, run_id: str, metrics: dict, plots: list[Path]) -
     for plot in plots:
         client.log_artifact(run_id, str(plot), "plots")
     if params.tracking.log_model:
-        client.log_artifacts(run_id, str(params.paths.model), "model")
+        client.log_artifacts(run_id, str(model), "model")
 
 
-def open_run(params: Params, budget: dict) -> tuple[Path | None, str | None, str]:
-    """Rank 0: resume or start fresh, and open the MLflow run. Returns (ckpt_path, run_id, fp)."""
+def open_run(params: Params, budget: dict) -> tuple[Path | None, dict, str]:
+    """Rank 0: resume or start fresh, and open the MLflow run. Returns (ckpt_path, run_info, fp)."""
     from lightning.pytorch.utilities import rank_zero_only
 
     paths = params.paths
     if rank_zero_only.rank != 0:  # a DDP worker, launched from rank 0's fit(): rank 0 has
         last = paths.checkpoints / "last.ckpt"  # already cleared any stale last.ckpt
-        return (last if last.exists() else None), None, ""
+        return (last if last.exists() else None), {"run_id": None}, ""
     fp = resume.fingerprint(params, sha256_of(paths.processed), resume.code_digest(TRAINING_CODE))
     ckpt = resume.checkpoint_to_resume(paths.checkpoints, fp, budget)
-    run_id = tracking.start_run(params, MODEL_SECTIONS, manifest_hash(paths.manifest))
-    return ckpt, run_id, fp
+    run_info = tracking.new_run(params, MODEL_SECTIONS, manifest_hash(paths.manifest))
+    return ckpt, run_info, fp
 
 
 def main(params: Params | None = None) -> dict:
@@ -111,9 +111,9 @@ def main(params: Params | None = None) -> dict:
     module = start_module(params, tokenizer, meta)
     speed_up(module.model, cfg)
     budget = {"max_epochs": cfg.max_epochs, "max_steps": cfg.max_steps}
-    ckpt, run_id, fp = open_run(params, budget)
+    ckpt, run_info, fp = open_run(params, budget)
     # Off rank 0 the logger is inert (Lightning's rank-zero guards): no run, no writes.
-    logger = MLFlowLogger(run_id=run_id, tracking_uri=tracking.tracking_uri(params.tracking),
+    logger = MLFlowLogger(run_id=run_info["run_id"], tracking_uri=tracking.tracking_uri(params.tracking),
                           synchronous=False)  # per-step metrics must not stall training
     curves, best, callbacks = fit.make_callbacks(cfg, paths.checkpoints, params.task)
     trainer = fit.build_trainer(params, callbacks, logger)
@@ -130,11 +130,17 @@ def main(params: Params | None = None) -> dict:
         module, path = start_module(params, tokenizer, meta), path or best.last_model_path
     if path:
         module.load_state_dict(fit.best_weights(Path(path)))
-    write_model(params, module, tokenizer, meta)
     metrics = fit.summarize(trainer, curves, best.monitor, best.mode, time.perf_counter() - started,
                             params.task)
-    write_json(paths.train_metrics, metrics)
-    log_outputs(params, run_id, metrics, write_curves(curves, paths.train_plots))
+    # Written aside and swapped in together: a run that fails (or is killed) up to here leaves the
+    # last good model, run.json, metrics and curves as they were, consistent with each other.
+    outputs = (paths.model, paths.train_plots, paths.train_metrics, paths.run_info)
+    with write_aside(*outputs) as (model_dir, plots_dir, metrics_file, run_file):
+        write_model(params, module, tokenizer, meta, model_dir)
+        plots = write_curves(curves, plots_dir)
+        write_json(metrics_file, metrics)
+        write_json(run_file, run_info)
+        log_outputs(params, run_info["run_id"], metrics, plots, model_dir)
     print(f"train: {metrics} -> {paths.model}")
     return metrics
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.common import is_number, replace_dir, rounded
+from lmforge.common import FAIL_ENV, is_number, replace_dir, rounded, write_aside, write_json
 
 
 def test_replace_dir_swaps_a_complete_folder_in(tmp_path):
@@ -12,7 +12,7 @@ def test_replace_dir_swaps_a_complete_folder_in(tmp_path):
     dest.mkdir()
     (dest / "old.txt").write_text("old")
     with replace_dir(dest) as staging:
-        assert staging.parent == dest.parent and staging != dest
+        assert staging.name == dest.name and staging.parent.parent == dest.parent  # same disk
         (staging / "new.txt").write_text("new")
         assert (dest / "old.txt").exists()  # nothing changes until the block ends
     assert sorted(p.name for p in dest.iterdir()) == ["new.txt"]
@@ -58,3 +58,45 @@ def test_rounded_keeps_six_decimals_ints_and_nesting():
                                              (None, False)])
 def test_is_number_means_a_comparable_metric_value(value, expected):
     assert is_number(value) is expected
+
+
+def test_write_aside_swaps_files_and_folders_together_or_not_at_all(tmp_path):
+    folder, report = tmp_path / "model", tmp_path / "metrics" / "m.json"
+    folder.mkdir()
+    (folder / "w").write_text("old weights")
+    write_json(report, {"v": 1})
+    before = report.read_bytes()
+    with pytest.raises(ValueError), write_aside(folder, report) as (new_folder, new_report):
+        new_folder.mkdir()
+        (new_folder / "w").write_text("new weights")
+        write_json(new_report, {"v": 2})
+        raise ValueError("the stage fails after writing everything aside")
+    assert (folder / "w").read_text() == "old weights" and report.read_bytes() == before
+    with write_aside(folder, report) as (new_folder, new_report):
+        new_folder.mkdir()
+        (new_folder / "w").write_text("new weights")
+        write_json(new_report, {"v": 2})
+    assert (folder / "w").read_text() == "new weights" and '"v": 2' in report.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics", "model"]
+    assert sorted(p.name for p in report.parent.iterdir()) == ["m.json"]
+
+
+def test_an_output_not_written_aside_is_left_alone(tmp_path):
+    keep = tmp_path / "keep.json"
+    write_json(keep, {"k": 1})
+    with write_aside(keep, tmp_path / "other.json") as (_, other):
+        write_json(other, {"o": 1})
+    assert keep.read_text().count('"k": 1') == 1 and (tmp_path / "other.json").exists()
+
+
+def test_the_injected_failure_fires_for_the_named_output_only(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    write_json(target, {"v": 1})
+    monkeypatch.setenv(FAIL_ENV, str(target))
+    with pytest.raises(RuntimeError, match="injected failure before writing"):
+        write_json(target, {"v": 2})
+    with pytest.raises(RuntimeError, match="injected failure"), write_aside(tmp_path / "d", target) as (d, t):
+        d.mkdir()
+        write_json(t, {"v": 3})
+    assert '"v": 1' in target.read_text() and not (tmp_path / "d").exists()
+    write_json(tmp_path / "other.json", {})  # any other path writes as usual

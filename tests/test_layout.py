@@ -144,6 +144,15 @@ def rule_breaks(root: Path = ROOT) -> list[str]:
     return breaks
 
 
+def test_check_runs_first_and_alone_depends_on_the_schema():
+    """Stage check is what keeps DVC from deleting outputs over a bad params.yaml: it must depend on
+    the schema and run before the first data stage (ingest depends on its verdict)."""
+    all_stages = stages()
+    assert "lmforge/params.py" in all_stages["check"]["deps"]
+    assert "${paths.check}" in all_stages["ingest"]["deps"]
+    assert [n for n, s in all_stages.items() if "lmforge/params.py" in s["deps"]] == ["check"]
+
+
 def test_stages_folder_is_the_stage_list_of_dvc_yaml():
     modules = {p.stem for p in (ROOT / "stages").glob("*.py")} - {"__init__"}
     assert modules == set(stages())

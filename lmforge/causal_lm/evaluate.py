@@ -246,5 +246,5 @@ def evaluate(params: Params) -> dict:
     files = write_outputs(params, metrics, examples)
     tracking.log_to_run(params, {f"test_{k}": float(v) for k, v in metrics.items()}, files)
     print(f"evaluate: perplexity {metrics['perplexity']} (start {metrics['perplexity_start']}), "
-          f"{len(examples)} generations -> {params.paths.eval_metrics}")
+          f"{len(examples)} generations")
     return metrics

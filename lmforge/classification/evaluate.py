@@ -189,5 +189,5 @@ def evaluate(params: Params) -> dict:
     errors.to_csv(paths.eval_reports / MISCLASSIFIED, index=False)
     tracking.log_to_run(params, flat_metrics(metrics), [*written, paths.eval_reports / MISCLASSIFIED])
     print(f"evaluate: accuracy {metrics['accuracy']}, f1_macro {metrics['f1_macro']}, "
-          f"{len(errors)} errors listed -> {paths.eval_metrics}")
+          f"{len(errors)} errors listed")
     return metrics
