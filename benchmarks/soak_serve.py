@@ -9,6 +9,13 @@ in flight: 7 in 10 are good (1-4 SST-2 sentences), the rest cycle through the ma
 Reports per kind the statuses seen, the total of 5xx answers, good-request latency, and the resident
 memory of the server's process tree after warm-up and at the end. Exits 1 on any 5xx or failed good
 request, 2 when it cannot measure.
+
+With API keys (serve.api_key_env of the packaged model, docs/serving.md "API keys"): export the
+variable it names for the server, and SOAK_API_KEY=<one of the keys> for the soak, which then sends
+``Authorization: Bearer <key>`` with every request and adds two bad kinds, no key and a wrong key
+(both should get 401):
+
+    LMFORGE_API_KEYS=k1 SOAK_API_KEY=k1 python -m benchmarks.soak_serve --seconds 60
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import sys
@@ -60,8 +68,15 @@ def body(obj: object) -> bytes:
     return json.dumps(obj).encode()
 
 
-def malformed_kinds(limits: dict, body_limit: int) -> dict[str, list[Request]]:
-    """Each kind of bad request, with a few variants sent in turn; all should get a 4xx."""
+def auth_headers(key: str | None) -> dict[str, str]:
+    """The Authorization header for API key ``key`` (SOAK_API_KEY); none without one."""
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
+def malformed_kinds(limits: dict, body_limit: int, key: str | None = None) -> dict[str, list[Request]]:
+    """Each kind of bad request, with a few variants sent in turn; all should get a 4xx. With an
+    API key ``key``, each carries it, and two kinds more lack it or carry a wrong one."""
+    auth = auth_headers(key)
     max_texts, max_chars = limits["max_texts"], limits["max_chars"]
     huge = b'{"texts": ["' + b"x" * (2 * body_limit) + b'"]}'  # built once: 2x the body limit
     kinds = {
@@ -77,23 +92,34 @@ def malformed_kinds(limits: dict, body_limit: int) -> dict[str, list[Request]]:
         "extra_fields": [body({"texts": ["fine"], "all_score": True}), body({"texts": ["fine"], "x": 1})],
         "huge_body": [huge],
     }
-    out = {kind: [Request("/classify", c, JSON, kind) for c in contents] for kind, contents in kinds.items()}
+    out = {kind: [Request("/classify", c, {**JSON, **auth}, kind) for c in contents]
+           for kind, contents in kinds.items()}
     # The service reads a JSON body whatever type it declares (curl -d says form-encoded), so
     # these are bad by their bodies; multipart is refused by its type (415).
     content_types = [("text/plain", b"just some text"),
                      ("application/x-www-form-urlencoded", b"texts=fine"),
                      ("multipart/form-data", body({"texts": ["fine"]})),  # no boundary
                      ("multipart/form-data; boundary=xyz", b"not multipart")]
-    out["wrong_content_type"] = [Request("/classify", c, {"content-type": t}, "wrong_content_type")
-                                 for t, c in content_types]
+    out["wrong_content_type"] = [Request("/classify", c, {"content-type": t, **auth},
+                                         "wrong_content_type") for t, c in content_types]
+    if key:
+        good = body({"texts": ["fine"]})
+        out["missing_key"] = [Request("/classify", good, JSON, "missing_key"),
+                              Request("/metadata", b"{}", JSON, "missing_key")]
+        out["wrong_key"] = [Request("/classify", good, {**JSON, **auth_headers(k)}, "wrong_key")
+                            for k in ("x" + key, key[:-1] or "x")]
+        out["basic_scheme"] = [Request("/classify", good, {**JSON, "authorization": f"Basic {key}"},
+                                       "basic_scheme")]
     return out
 
 
 class Mix:
     """Request i of the soak: good 7 times in 10, else the next malformed kind, until the deadline."""
 
-    def __init__(self, texts: list[str], kinds: dict[str, list[Request]], seconds: float) -> None:
+    def __init__(self, texts: list[str], kinds: dict[str, list[Request]], seconds: float,
+                 key: str | None = None) -> None:
         self.texts, self.kinds, self.seconds = texts, list(kinds.values()), seconds
+        self.headers = {**JSON, **auth_headers(key)}
         self.rng = random.Random(0)
         self.deadline = float("inf")
 
@@ -104,7 +130,8 @@ class Mix:
         n = self.rng.randint(1, 4)
         start = self.rng.randrange(len(self.texts))
         texts = [self.texts[(start + j) % len(self.texts)] for j in range(n)]
-        return Request("/classify", body({"texts": texts, "all_scores": self.rng.random() < 0.5}))
+        return Request("/classify", body({"texts": texts, "all_scores": self.rng.random() < 0.5}),
+                       self.headers)
 
     def __call__(self, i: int) -> Request | None:
         if time.monotonic() >= self.deadline:
@@ -142,14 +169,15 @@ def probe(url: str, kinds: dict[str, list[Request]], timeout_s: float) -> list[d
                 except httpx.HTTPError as err:
                     status, answer = type(err).__name__, str(err)[:300]
                 if not (isinstance(status, int) and 400 <= status < 500):
-                    found.append({"kind": req.kind, "request": f"{req.method} {req.path} {req.headers} "
+                    shown = {k: "***" if k == "authorization" else v for k, v in req.headers.items()}
+                    found.append({"kind": req.kind, "request": f"{req.method} {req.path} {shown} "
                                   f"body {req.content[:120]!r} ({len(req.content)} bytes)",
                                   "status": status, "response": answer})
     return found
 
 
-def read_limits(url: str) -> dict:
-    resp = httpx.post(f"{url}/metadata", timeout=30)
+def read_limits(url: str, key: str | None = None) -> dict:
+    resp = httpx.post(f"{url}/metadata", timeout=30, headers=auth_headers(key))
     if resp.status_code != 200:
         raise ServeError(f"POST /metadata answered {resp.status_code}: {resp.text[:300]}")
     return resp.json()["limits"]
@@ -182,12 +210,14 @@ def summarize(results: list[Result], wall_s: float) -> dict:
 def soak(args: argparse.Namespace, log: Path) -> dict:
     texts, source = load_texts()
     tag, _, _ = model_info(args.tag)
+    key = os.environ.get("SOAK_API_KEY") or None  # the service's key, when it requires one
     with serving(bentoml_cmd(tag), REPO, log, "/readyz", server_env()) as server:
-        print(f"bentoml: ready in {server.ready_s:.1f}s; model {tag}", flush=True)
-        limits = read_limits(server.url)
-        kinds = malformed_kinds(limits, body_limit_of(limits))
+        print(f"bentoml: ready in {server.ready_s:.1f}s; model {tag}; API key "
+              f"{'sent' if key else 'none'}", flush=True)
+        limits = read_limits(server.url, key)
+        kinds = malformed_kinds(limits, body_limit_of(limits), key)
         not_4xx = probe(server.url, kinds, args.timeout)
-        mix = Mix(texts, kinds, args.seconds)
+        mix = Mix(texts, kinds, args.seconds, key)
         # One at a time, then in parallel: both paths of the batcher are warm before memory is read.
         warm = [mix.good() for _ in range(args.warmup)]
         for c in (1, args.concurrency):
@@ -210,6 +240,7 @@ def soak(args: argparse.Namespace, log: Path) -> dict:
     report["after_soak"] = {"good_request_status": after, "server_alive": alive,
                             "log_exceptions": log_exceptions(log)}
     report["settings"] = {"seconds": args.seconds, "concurrency": args.concurrency, "tag": tag,
+                          "api_key": bool(key),  # whether one was sent, never the key
                           "limits": limits, "texts": source, "log": str(log)}
     return report
 

@@ -4,9 +4,11 @@
     bentoml serve bento.generate:Generator --arg model=<package.model_name>:<version>
     bentoml serve lmforge-service:<version>              # a built Bento (tag in models/bento.json)
 
-Like bento/service.py: binds 127.0.0.1 unless told otherwise (``--host``), refuses bodies over the
-largest valid request with 413 before parsing, and reads its limits, the prompt template and the
-context length from the model's metadata (stages/package.py), because a Bento has no params.yaml.
+Like bento/service.py: binds 127.0.0.1 unless told otherwise (``--host``), requires API keys when
+serve.api_key_env names their variable (and refuses a non-loopback host without them unless
+serve.allow_anonymous; bento/auth.py), refuses bodies over the largest valid request with 413
+before parsing, and reads its limits, the prompt template and the context length from the model's
+metadata (stages/package.py), because a Bento has no params.yaml.
 
 A prompt is formatted as in training (pairs: inside ``prepare.template``), tokenized without special
 tokens and cut from the left so that prompt + ``max_new_tokens`` fit the model's context. The
@@ -22,6 +24,7 @@ import bentoml
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
 
+from bento.auth import ApiKeyGuard, check_startup, check_worker, deploy_host
 from bento.limits import RequestGuard, max_body_bytes, traffic
 from bento.prompts import fit_context, format_prompt, left_pad, stop_id_set, until_stop
 
@@ -101,10 +104,16 @@ class Generation(BaseModel):
 class Generator:
     bento_model = MODEL  # a class attribute, so `bentoml build` puts the model into the Bento
 
+    @bentoml.on_deployment
+    def refuse_unsafe_start() -> None:
+        """As the classifier's: in `bentoml serve`'s process, before it binds (bento/auth.py)."""
+        check_startup(LIMITS, deploy_host())
+
     def __init__(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        check_worker(LIMITS)
         if LIMITS.get("threads"):
             torch.set_num_threads(LIMITS["threads"])
         path = self.bento_model.path
@@ -201,7 +210,9 @@ class Generator:
                 "limits": {**LIMITS, "max_new_tokens": MAX_NEW_TOKENS}}
 
 
-# Same bound as the classifier's: max_texts prompts of max_chars, plus a few small options.
+# As the classifier's: the key check outermost, then the body bound (max_texts prompts of
+# max_chars, plus a few small options).
+Generator.add_asgi_middleware(ApiKeyGuard, key_env=LIMITS.get("api_key_env"))
 Generator.add_asgi_middleware(RequestGuard, max_bytes=max_body_bytes(LIMITS))
 # As in bento/service.py: name the list response's media type once instead of BentoML deriving it
 # from a freshly built JSON schema on every response.

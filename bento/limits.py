@@ -69,10 +69,12 @@ class RequestGuard:
                      f"{self.max_bytes} bytes (serve.max_texts texts of serve.max_chars characters)")
 
 
-async def refuse(send, status: int, error: str) -> None:
-    """Answer ``status`` with {"error": ...} and close: the rest of the body is never read."""
-    body = json.dumps({"error": error}).encode()
+async def refuse(send, status: int, error: str, kind: str | None = None,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer ``status`` with {"error": ...[, "type": kind]} and close: the rest of the body is
+    never read. ``headers``: more response headers (bento/auth.py: WWW-Authenticate)."""
+    body = json.dumps({"error": error, **({"type": kind} if kind else {})}).encode()
     headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-               (b"content-length", str(len(body)).encode())]
+               (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -5,8 +5,9 @@
     bentoml serve lmforge-service:<version>              # a built Bento (tag in models/bento.json)
 
 The service binds 127.0.0.1 (its ``http.host``): only this machine can call it. ``--host 0.0.0.0``
-(or ``BENTOML_HOST``) exposes it; put authentication in front first (README, "Serving securely").
-Request bodies larger than the biggest valid request are refused with 413 before parsing.
+(or ``BENTOML_HOST``) exposes it, and then it refuses to start without API keys
+(serve.api_key_env) unless serve.allow_anonymous is true (bento/auth.py, docs/serving.md "API
+keys"). Request bodies larger than the biggest valid request are refused with 413 before parsing.
 
 Request limits, batching, workers, timeouts, the truncation length and the runtime come from the
 model's metadata (written by stages/package.py from params.serve), because a Bento carries no
@@ -28,6 +29,7 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
 
+from bento.auth import ApiKeyGuard, check_startup, check_worker, deploy_host
 from bento.batching import Batcher, length_chunks
 from bento.limits import RequestGuard, max_body_bytes, traffic
 
@@ -155,9 +157,16 @@ def batch_metrics():
 class Classifier:
     bento_model = MODEL  # a class attribute, so `bentoml build` puts the model into the Bento
 
+    @bentoml.on_deployment
+    def refuse_unsafe_start() -> None:
+        """In `bentoml serve`'s own process, before it binds: exit (with why) when the key variable
+        is missing, or a non-loopback host would serve without keys (bento/auth.py)."""
+        check_startup(LIMITS, deploy_host())
+
     def __init__(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
+        check_worker(LIMITS)  # the same refusals against the socket this worker really serves
         path = Path(self.bento_model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         runtime = OnnxForward if INFO.get("runtime", "torch") != "torch" else TorchForward
@@ -206,6 +215,8 @@ class Classifier:
                 "limits": LIMITS}
 
 
+# The key check first (the outer one): a caller without a key gets 401 before a byte is read.
+Classifier.add_asgi_middleware(ApiKeyGuard, key_env=LIMITS.get("api_key_env"))
 Classifier.add_asgi_middleware(RequestGuard, max_bytes=max_body_bytes(LIMITS))
 # BentoML works out the response's media type from the output model's JSON schema, built anew for
 # every response of an API returning a list (a root model): ~10% of the event loop's time per

@@ -176,14 +176,102 @@ def write_trained_model(model_dir: Path, tiny_model_dir: Path, labels: list[str]
     })
 
 
+# --- servers started by tests: one registry, stopped even when pytest itself is killed -------------
+#
+# A server runs in a session of its own (start_new_session), so that one killpg stops it with the
+# workers it forked; but then neither Ctrl+C nor a SIGTERM sent to pytest reaches it, and a pytest
+# killed before its fixtures' teardown would leave it running. Every group started through
+# start_process_group is registered until stop_process_group ends it; on SIGTERM, SIGINT or exit
+# (pytest_configure installs the handlers, atexit the last resort) every registered group is stopped.
+
+STARTED: dict[int, object] = {}  # process group id -> its leader's Popen
+OWNER_PID = os.getpid()  # a process forked from pytest (no exec) inherits STARTED: not its groups
+STOP_WAIT_S = 5  # on a signal: how long the groups get to exit on SIGTERM before SIGKILL
+
+
+def start_process_group(cmd: list[str], **popen_kwargs):
+    """``subprocess.Popen(cmd, **popen_kwargs)`` in a session of its own, registered so that it is
+    stopped even if this pytest is killed (SIGTERM, SIGINT) before the test's teardown runs."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    STARTED[proc.pid] = proc
+    return proc
+
+
 def stop_process_group(proc, timeout_s: float = 15) -> None:
     """Stop a server started with start_new_session=True, with the workers it forked."""
     import signal
     import subprocess
 
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    except ProcessLookupError:  # the whole group is gone already (e.g. stopped on a signal)
         proc.wait(timeout=5)
+    finally:
+        STARTED.pop(proc.pid, None)
+
+
+def stop_all_process_groups() -> None:
+    """SIGTERM every registered group, then SIGKILL what is left after STOP_WAIT_S: safe to call
+    from a signal handler (no logging, no locks), and more than once."""
+    import signal
+    import time
+
+    if os.getpid() != OWNER_PID:
+        return
+    groups = list(STARTED.items())
+    for pgid, _ in groups:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + STOP_WAIT_S
+    for pgid, proc in groups:
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # the leader's workers, even if the leader exited
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=2)  # reap the leader
+        except Exception:  # noqa: BLE001 - a signal handler must not fail on the way out
+            pass
+        STARTED.pop(pgid, None)
+
+
+def _stop_groups_then(previous):
+    """A signal handler: stop every registered group, then do what ``previous`` did (SIGINT:
+    KeyboardInterrupt, pytest's teardown and report; SIGTERM: die of the signal)."""
+    import signal
+
+    def handler(signum, frame):
+        stop_all_process_groups()
+        if callable(previous):
+            return previous(signum, frame)
+        if previous == signal.SIG_IGN:
+            return None
+        signal.signal(signum, signal.SIG_DFL)  # the default action: terminate with the signal
+        os.kill(os.getpid(), signum)
+        return None
+
+    return handler
+
+
+def pytest_configure(config) -> None:
+    """Stop the registered server groups on SIGTERM, SIGINT and at exit (see STARTED)."""
+    import atexit
+    import signal
+    import threading
+
+    atexit.register(stop_all_process_groups)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_groups_then(signal.getsignal(signum)))

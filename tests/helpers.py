@@ -25,7 +25,14 @@ import yaml
 
 from lmforge.common import write_json
 from lmforge.params import Params, parse_params
-from tests.conftest import REPO, bentoml_home, make_rows, stop_process_group, tmp_paths
+from tests.conftest import (
+    REPO,
+    bentoml_home,
+    make_rows,
+    start_process_group,
+    stop_process_group,
+    tmp_paths,
+)
 
 # --- servers started by a test --------------------------------------------------------------------
 
@@ -319,21 +326,20 @@ def write_model(params, model, tokenizer, pairs: bool) -> None:
 
 @contextmanager
 def serving(target: str, home: Path, cwd: Path, log: Path, host: str | None = "127.0.0.1",
-            args: tuple[str, ...] = ()):
+            args: tuple[str, ...] = (), env_vars: dict[str, str] | None = None):
     """Run `bentoml serve <target> <args>` on a free 127.0.0.1 port; yield its URL; kill it on exit.
 
-    ``host=None`` passes no --host: the service's own default binding applies.
+    ``host=None`` passes no --host: the service's own default binding applies. ``env_vars``: more
+    environment for the server (e.g. the variable holding its API keys).
     """
     port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    env.pop("BENTOML_HOST", None)
+    env = serve_env(home, env_vars)
     cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", target, *args,
            "--port", str(port)]
     cmd += ["--host", host] if host else []
     with log.open("w") as out:
         # A session of its own: the teardown kills BentoML's worker processes with it.
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = start_process_group(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         ready_s = wait_healthy(f"{url}/readyz", proc, log, what="bentoml serve")
@@ -341,6 +347,14 @@ def serving(target: str, home: Path, cwd: Path, log: Path, host: str | None = "1
         yield url
     finally:
         stop_process_group(proc)
+
+
+def serve_env(home: Path, env_vars: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a `bentoml serve` under test: the store in ``home``, no BENTOML_HOST."""
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True",
+           **(env_vars or {})}
+    env.pop("BENTOML_HOST", None)
+    return env
 
 
 def package_tiny(params, home: Path) -> dict:

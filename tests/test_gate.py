@@ -13,7 +13,12 @@ from lmforge import tracking
 from lmforge.common import UserError, write_json
 from lmforge.params import Floor, parse_params
 from stages import gate
-from tests.conftest import stop_process_group, tmp_paths, write_trained_model
+from tests.conftest import (
+    start_process_group,
+    stop_process_group,
+    tmp_paths,
+    write_trained_model,
+)
 from tests.helpers import free_port, git_commit, wait_healthy
 
 EVAL = {
@@ -179,11 +184,11 @@ def test_registers_through_a_tracking_server(stage, tmp_path, monkeypatch):
     params, _ = stage
     port = free_port()
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    server = subprocess.Popen(
+    server = start_process_group(
         [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(f"{uri}/health", server, timeout_s=120, what="mlflow server")

@@ -269,3 +269,34 @@ def test_with_truncate_false_a_prompt_over_the_context_is_refused(packaged):
     assert "prompt 1 has" in long.text and f"leaves {CONTEXT - MAX_NEW}" in long.text
     assert "prompt 0" not in long.text  # only the prompts over the budget are named
     assert short.status_code == 200, short.text
+
+
+@pytest.mark.slow
+def test_with_api_keys_every_endpoint_needs_one(packaged, tmp_path):
+    """serve.api_key_env on the causal LM service too (bento/auth.py; the details are tested in
+    tests/test_auth.py): a store of its own, so that the module's server keeps its model."""
+    params, _, _ = packaged
+    keyed = params.model_copy(update={"serve": params.serve.model_copy(
+        update={"api_key_env": "LMFORGE_TEST_LM_KEYS"})})
+    home = tmp_path / "bentoml"
+    tag = package_tiny(keyed, home)["model_tag"]
+    key = "lm-key-" + "k" * 24
+    auth = {"authorization": f"Bearer {key}"}
+    with serving("bento.generate:Generator", home, REPO, tmp_path / "serve_keys.log",
+                 args=("--arg", f"model={tag}"), env_vars={"LMFORGE_TEST_LM_KEYS": key}) as url:
+        body = {"prompts": ["say hi"], "max_new_tokens": 2}
+        refused = [httpx.post(f"{url}{route}", json=sent, timeout=60) for route, sent in [
+            ("/generate", body), ("/generate_stream", {"prompt": "say hi"}), ("/metadata", {})]]
+        answered = httpx.post(f"{url}/generate", json=body, headers=auth, timeout=60)
+        with httpx.stream("POST", f"{url}/generate_stream", json={"prompt": "say hi",
+                          "max_new_tokens": 2}, headers=auth, timeout=60) as stream:
+            streamed = stream.status_code, "".join(stream.iter_text())
+        ready = httpx.get(f"{url}/readyz", timeout=10).status_code
+    for resp in refused:
+        assert resp.status_code == 401, resp.text
+        assert resp.json()["type"] == "authentication_error"
+        assert resp.headers["www-authenticate"].startswith("Bearer")
+    assert answered.status_code == 200 and answered.json()[0]["tokens"] == 2, answered.text
+    assert streamed[0] == 200 and streamed[1]
+    assert ready == 200
+    assert key not in (tmp_path / "serve_keys.log").read_text()

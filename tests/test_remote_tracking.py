@@ -17,7 +17,7 @@ from lmforge import lineage
 from lmforge.common import read_json, write_json
 from lmforge.params import Floor
 from stages import evaluate, gate, train
-from tests.conftest import stop_process_group
+from tests.conftest import start_process_group, stop_process_group
 from tests.helpers import free_port, git_commit, wait_healthy
 
 DATA_SHA = "5e" * 32
@@ -39,8 +39,7 @@ def mlflow_server(tmp_path_factory):
     log = root / "server.log"
     with log.open("w") as out:
         # Its own session: the server and its uvicorn worker are stopped together.
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = start_process_group(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         startup_s = wait_healthy(f"{url}/health", proc, log, what="mlflow server")
         print(f"\nmlflow server healthy after {startup_s:.1f} s")
