@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 from bentoml.exceptions import BentoMLException
 
-from bento.limits import refuse
+from bento.limits import is_openai, refuse
 
 logger = logging.getLogger("lmforge.serve.auth")
 
@@ -178,7 +178,7 @@ class ApiKeyGuard:
             return await send({"type": "websocket.close", "code": 1008, "reason": error})
         challenge = REALM if reason == "no key" else REALM + b', error="invalid_token"'
         return await refuse(send, 401, error, kind="authentication_error",
-                            headers=((b"www-authenticate", challenge),))
+                            headers=((b"www-authenticate", challenge),), openai=is_openai(scope))
 
     def problem(self, scope) -> tuple[str, str] | None:
         """None for a valid key, else (the answer's error, the log's reason)."""

@@ -1,4 +1,5 @@
-"""The packaged causal LM as an HTTP service: POST /generate, POST /generate_stream, POST /metadata.
+"""The packaged causal LM as an HTTP service: POST /generate, POST /generate_stream, POST /metadata,
+and the OpenAI-compatible API under /v1 (bento/openai_api.py: chat/completions, completions, models).
 
     bentoml serve bento.generate:Generator               # from the repo root: newest lmforge-lm model
     bentoml serve bento.generate:Generator --arg model=<package.model_name>:<version>
@@ -10,14 +11,18 @@ serve.allow_anonymous; bento/auth.py), refuses bodies over the largest valid req
 before parsing, and reads its limits, the prompt template and the context length from the model's
 metadata (stages/package.py), because a Bento has no params.yaml.
 
-A prompt is formatted as in training (pairs: inside ``prepare.template``), tokenized without special
-tokens and cut from the left so that prompt + ``max_new_tokens`` fit the model's context. The
-prompts of one request are generated together in one left-padded batch; each answer holds only the
-new text. ``temperature`` 0 is greedy decoding: the same prompt gives the same text every time.
+A prompt is formatted as in training (pairs: inside ``prepare.template``; conversations: as one
+user message in the chat template), tokenized without special tokens and cut from the left so that
+prompt + ``max_new_tokens`` fit the model's context. Each answer holds only the new text.
+``temperature`` 0 is greedy decoding: the same prompt gives the same text every time.
+
+Every generation, of every endpoint, goes through one decoding engine per worker
+(bento/decoding.py): the prompts of concurrent requests are decoded together, one forward pass per
+token for the whole batch, up to serve.max_batch_size rows.
 """
 
-import threading
-from collections.abc import Generator as Stream
+import asyncio
+from collections.abc import AsyncGenerator
 from typing import Annotated, Literal
 
 import bentoml
@@ -25,8 +30,10 @@ from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
 
 from bento.auth import ApiKeyGuard, check_startup, check_worker, deploy_host
+from bento.decoding import Delta, Engine, Sampling
 from bento.limits import RequestGuard, max_body_bytes, traffic
-from bento.prompts import fit_context, format_prompt, left_pad, stop_id_set, until_stop
+from bento.openai_api import create_app
+from bento.prompts import drop_oldest_exchange, fit_context, format_prompt, stop_id_set
 
 
 class Args(BaseModel):
@@ -98,7 +105,14 @@ class Generation(BaseModel):
         description="eos: the model ended the text; length: max_new_tokens ran out.")
 
 
+# /v1: the OpenAI-compatible API, served by the same worker, engine and limits (messages count
+# against serve.max_texts, each of serve.max_chars).
+OPENAI = create_app(bentoml.get_current_service, ARGS.model.removesuffix(":latest"),
+                    LIMITS["max_texts"], LIMITS["max_chars"], MAX_NEW_TOKENS)
+
+
 # http.host: bind only the loopback interface unless the user passes --host / BENTOML_HOST.
+@bentoml.asgi_app(OPENAI, path="/v1")
 @bentoml.service(workers=LIMITS.get("workers", 1), traffic=traffic({**LIMITS, "timeout_s": TIMEOUT_S}),
                  http={"host": "127.0.0.1"})
 class Generator:
@@ -126,79 +140,91 @@ class Generator:
         self.stop_ids = stop_id_set(self.model.generation_config.eos_token_id, tok.eos_token_id)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self.engine = Engine(self.model, tok, self.stop_ids, self.pad_id, LIMITS["max_batch_size"])
 
-    def encode(self, prompts: list[str], max_new_tokens: int) -> dict:
-        """One left-padded batch of the formatted prompts, each cut from the left to leave
-        max_new_tokens room (serve.truncate true) or refused with 400 when over it (false)."""
-        import torch
+    def formatted(self, prompt: str) -> str:
+        """A /generate prompt as the model was trained to see it: inside the pairs template, or as
+        one user message of a conversation; plain text as it is."""
+        if INFO["format"] == "chat":
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return format_prompt(prompt, INFO["template"] if INFO["format"] == "pairs" else None)
 
-        template = INFO["template"] if INFO["format"] == "pairs" else None
-        texts = [format_prompt(p, template) for p in prompts]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    def fit(self, ids: list[int], max_new_tokens: int, what: str) -> list[int]:
+        """Prompt ids cut from the left to leave max_new_tokens room in the context
+        (serve.truncate true), or refused with 400 when over it (false)."""
         budget = INFO["context"] - max_new_tokens
-        over = [(i, len(r)) for i, r in enumerate(ids) if len(r) > budget]
-        if over and not LIMITS.get("truncate", True):
+        if len(ids) > budget and not LIMITS.get("truncate", True):
+            raise InvalidArgument(f"{what} has {len(ids)} tokens; with max_new_tokens "
+                                  f"{max_new_tokens} the context ({INFO['context']}) leaves {budget} "
+                                  "(serve.truncate is false)")
+        return fit_context(ids, budget, self.start_id)
+
+    def encode(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+        """The formatted prompts' token ids, each fitted to the context (``fit``)."""
+        rows = self.tokenizer([self.formatted(p) for p in prompts], add_special_tokens=False)
+        over = [(i, len(r)) for i, r in enumerate(rows["input_ids"])
+                if len(r) > INFO["context"] - max_new_tokens]
+        if over and not LIMITS.get("truncate", True):  # name every prompt over, not the first
             listed = ", ".join(f"prompt {i} has {n}" for i, n in over[:5])
             raise InvalidArgument(f"{listed} tokens; with max_new_tokens {max_new_tokens} the "
-                                  f"context ({INFO['context']}) leaves {budget} (serve.truncate "
-                                  "is false)")
-        rows, mask = left_pad([fit_context(r, budget, self.start_id) for r in ids], self.pad_id)
-        return {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}  # (B, T)
+                                  f"context ({INFO['context']}) leaves "
+                                  f"{INFO['context'] - max_new_tokens} (serve.truncate is false)")
+        return [self.fit(r, max_new_tokens, "") for r in rows["input_ids"]]
 
-    def decoding(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:
-        """generate() keywords; they override the model's generation_config, which could otherwise
-        add its own sampling filters (top_k) to what the request asked for."""
-        sample = temperature > 0
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}
-        return {"max_new_tokens": max_new_tokens, "do_sample": sample, **sampling,
-                "eos_token_id": sorted(self.stop_ids), "pad_token_id": self.pad_id}
+    def text_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """/v1/completions: the prompt as raw text (no template), fitted to the context."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self.fit(ids, max_new_tokens, "the prompt")
+
+    def chat_ids(self, messages: list[dict], max_new_tokens: int) -> list[int]:
+        """/v1/chat/completions: the conversation rendered with the chat template and a generation
+        prompt. Over the context, its oldest exchanges go (the system message stays), then the
+        rest is cut from the left (serve.truncate true), or it is refused (false). A pairs model
+        without a chat template answers the last user message inside its template."""
+        if not self.tokenizer.chat_template:
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            if INFO["format"] != "pairs" or not users:
+                raise InvalidArgument("this model has no chat template (trained on plain text): "
+                                      "use /v1/completions" if INFO["format"] != "pairs" else
+                                      "messages: a user message is needed")
+            return self.encode([users[-1]], max_new_tokens)[0]
+        budget, kept = INFO["context"] - max_new_tokens, messages
+        while True:
+            try:
+                text = self.tokenizer.apply_chat_template(kept, tokenize=False,
+                                                          add_generation_prompt=True)
+            except Exception as err:  # the template's own refusal (jinja2 raise_exception)
+                raise InvalidArgument(f"messages: the chat template refuses them: {err}") from None
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            shorter = drop_oldest_exchange(kept) if LIMITS.get("truncate", True) else None
+            if len(ids) <= budget or shorter is None:
+                return self.fit(ids, max_new_tokens, "the conversation")
+            kept = shorter
+
+    @staticmethod
+    def sampling(max_new_tokens: int, temperature: float, top_p: float) -> Sampling:
+        return Sampling(max_new_tokens, temperature, top_p)
 
     @bentoml.api(input_spec=GenerateRequest)
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
-                 top_p: float) -> list[Generation]:
+    async def generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
+                       top_p: float) -> list[Generation]:
         """Continue each prompt; answers come in the order of `prompts`."""
-        import torch
-
-        batch = self.encode(prompts, max_new_tokens)
-        with torch.inference_mode():
-            out = self.model.generate(**batch, **self.decoding(max_new_tokens, temperature, top_p))
-        answers = []
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():  # (B, new) after the prompts
-            ids, stopped = until_stop(row, self.stop_ids)
-            answers.append(Generation(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True), tokens=len(ids),
-                finish_reason="eos" if stopped else "length"))
-        return answers
+        sampling = self.sampling(max_new_tokens, temperature, top_p)
+        done = await asyncio.gather(*(self.engine.complete(ids, sampling)
+                                      for ids in self.encode(prompts, max_new_tokens)))
+        return [Generation(text=d.text, tokens=d.tokens,
+                           finish_reason="length" if d.finish_reason == "length" else "eos")
+                for d in done]
 
     @bentoml.api(input_spec=StreamRequest)
-    def generate_stream(self, prompt: str, max_new_tokens: int, temperature: float,
-                        top_p: float) -> Stream[str, None, None]:
+    async def generate_stream(self, prompt: str, max_new_tokens: int, temperature: float,
+                              top_p: float) -> AsyncGenerator[str, None]:
         """Continue one prompt, sending the new text in chunks as it is generated."""
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=TIMEOUT_S,
-                                        skip_special_tokens=True)
-        kwargs = {**self.encode([prompt], max_new_tokens),
-                  **self.decoding(max_new_tokens, temperature, top_p), "streamer": streamer}
-        failed: list[BaseException] = []
-        worker = threading.Thread(target=self._generate_into, args=(kwargs, failed), daemon=True)
-        worker.start()
-        yield from (chunk for chunk in streamer if chunk)
-        worker.join()
-        if failed:
-            raise failed[0]
-
-    def _generate_into(self, kwargs: dict, failed: list) -> None:
-        """generate() feeding a streamer, in a thread; a failure ends the stream instead of
-        leaving its reader waiting."""
-        import torch
-
-        try:
-            with torch.inference_mode():
-                self.model.generate(**kwargs)
-        except Exception as err:
-            failed.append(err)
-            kwargs["streamer"].end()
+        [ids] = self.encode([prompt], max_new_tokens)
+        async for event in self.engine.stream(ids, self.sampling(max_new_tokens, temperature, top_p)):
+            if isinstance(event, Delta) and event.text:
+                yield event.text
 
     @bentoml.api(route="/metadata", input_spec=NoInput)
     def metadata(self) -> dict:

@@ -44,10 +44,10 @@ class RequestGuard:
         headers = dict(scope["headers"])
         if headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
             return await refuse(send, 415, "this service takes application/json bodies, not "
-                                "multipart forms")
+                                "multipart forms", openai=is_openai(scope))
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
-            return await self.refuse(send, f"{declared.decode(errors='replace')} bytes")
+            return await self.refuse(send, f"{declared.decode(errors='replace')} bytes", scope)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -56,7 +56,7 @@ class RequestGuard:
             chunks.append(message.get("body", b""))
             size, more = size + len(chunks[-1]), message.get("more_body", False)
             if size > self.max_bytes:
-                return await self.refuse(send, f"over {size} bytes")
+                return await self.refuse(send, f"over {size} bytes", scope)
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def receive_again():
@@ -64,16 +64,29 @@ class RequestGuard:
 
         return await self.app(scope, receive_again, send)
 
-    async def refuse(self, send, size: str) -> None:
+    async def refuse(self, send, size: str, scope) -> None:
         await refuse(send, 413, f"request body of {size} is over this service's limit of "
-                     f"{self.max_bytes} bytes (serve.max_texts texts of serve.max_chars characters)")
+                     f"{self.max_bytes} bytes (serve.max_texts texts of serve.max_chars characters)",
+                     openai=is_openai(scope))
+
+
+def is_openai(scope) -> bool:
+    """A request to the OpenAI-compatible routes (bento/openai_api.py), answered in OpenAI's error
+    format."""
+    return scope.get("path", "").startswith("/v1/")
 
 
 async def refuse(send, status: int, error: str, kind: str | None = None,
-                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    """Answer ``status`` with {"error": ...[, "type": kind]} and close: the rest of the body is
-    never read. ``headers``: more response headers (bento/auth.py: WWW-Authenticate)."""
-    body = json.dumps({"error": error, **({"type": kind} if kind else {})}).encode()
+                 headers: tuple[tuple[bytes, bytes], ...] = (), openai: bool = False) -> None:
+    """Answer ``status`` with {"error": ...[, "type": kind]} (``openai``: OpenAI's {"error":
+    {"message", "type", "param", "code"}}) and close: the rest of the body is never read.
+    ``headers``: more response headers (bento/auth.py: WWW-Authenticate)."""
+    if openai:
+        refusal = {"error": {"message": error, "type": kind or "invalid_request_error",
+                             "param": None, "code": None}}
+    else:
+        refusal = {"error": error, **({"type": kind} if kind else {})}
+    body = json.dumps(refusal).encode()
     headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
                (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})

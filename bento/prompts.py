@@ -51,3 +51,18 @@ def stop_id_set(*ids: int | list[int] | None) -> set[int]:
     for value in ids:
         found |= set(value) if isinstance(value, list) else {value} if value is not None else set()
     return found
+
+
+def drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
+    """The conversation without its oldest exchange: the first message after the leading system
+    message(s), and what follows it up to the next user message. None when the last user message
+    would go: there is nothing left to drop.
+
+    The one rule for a conversation over the context, in prepare (prepare.chat_overflow) and in
+    the service's /v1/chat/completions alike: the system message stays, the oldest turns go.
+    """
+    start = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    users = [i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"]
+    if not users:
+        return None
+    return messages[:start] + messages[users[0]:]

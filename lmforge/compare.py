@@ -1,7 +1,7 @@
-"""`lmforge gate --against REV`: the workspace's metrics against a git revision, with tolerances.
+"""`lmforge compare --against REV`: the workspace's metrics against a git revision, with tolerances.
 
-    lmforge gate --against main                   # table on stdout, report in paths.gate_report
-    lmforge gate --against v1.2 --report out.md   # exit 1 when a gated metric regressed
+    lmforge compare --against main                   # table on stdout, report in paths.gate_report
+    lmforge compare --against v1.2 --report out.md   # exit 1 when a gated metric regressed
 
 Run from the repo root. The values come from DVC (`metrics diff` and `params diff` of REV against the
 workspace), so they are the committed metrics files at REV and the files on disk now. Each metric of
@@ -128,7 +128,7 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
 def report(rev: str, rev_sha: str, workspace: str, rows: list[Row], params_diff: dict,
            errors: list[str], plots: str) -> str:
     """The Markdown report: revisions, verdict, params diff, metrics table, plots link."""
-    lines = [f"# Gate: workspace against `{rev}`", "",
+    lines = [f"# Compare: workspace against `{rev}`", "",
              f"- baseline: `{rev}` ({rev_sha[:12]})", f"- workspace: {workspace}",
              f"- verdict: **{summary(rows, f'`{rev}`')}**", "", "## Params", ""]
     changed = [[(k if f == "params.yaml" else f"{f}:{k}"), fmt(e.get("old")), fmt(e.get("new"))]
@@ -188,7 +188,7 @@ def dvc_diffs(rev: str) -> tuple[str, str, dict, dict]:
     try:
         repo = Repo(".")
     except NotDvcRepoError:
-        raise UserError("not inside a DVC repository: run `lmforge gate` from the repo root") from None
+        raise UserError("not inside a DVC repository: run `lmforge compare` from the repo root") from None
     with repo:
         if isinstance(repo.scm, NoSCM):
             raise UserError("the DVC repository is not in git: there is no revision to compare to")

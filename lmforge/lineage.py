@@ -19,7 +19,7 @@ from pathlib import Path
 from lmforge.common import UserError
 from lmforge.params import Params, load_params
 from lmforge.tasks import CLASSIFICATION, task
-from lmforge.tracking import REDACTED, lineage_tags, params_hash, redact_uri
+from lmforge.tracking import GIT_COMMIT, REDACTED, git_state, own_files, params_hash, redact_uri
 
 CHECKED = ("mlflow_run_id", "data_sha256", "params_sha256")  # model labels compared to the workspace
 
@@ -86,9 +86,9 @@ def mlflow_facts(run_info: dict, default_uri: str, kind: str = CLASSIFICATION) -
         return facts | {"status": f"not found ({str(err).splitlines()[0][:200]})"}
     return facts | {
         "status": run.info.status,
-        **{f"test_{k}": run.data.metrics.get(f"test_{k}") for k in task(kind).headline},
+        **{f"test_{k}": run.data.metrics.get(f"test/{k}") for k in task(kind).headline},
         "data_sha256": run.data.tags.get("data.sha256"),
-        "git_commit": run.data.tags.get("git.commit"),
+        "git_commit": run.data.tags.get(GIT_COMMIT),
     }
 
 
@@ -127,11 +127,10 @@ def collect(params: Params) -> dict:
     manifest, run_info = read_optional(paths.manifest), read_optional(paths.run_info)
     validation, gate = read_optional(paths.validation), read_optional(paths.gate)
     bento_info = read_optional(paths.bento_info)
-    git = lineage_tags("")
+    git = git_state(own_files(paths))
     report = {
-        "workspace": {"task": params.task, "git_commit": git["git.commit"],
-                      "git_branch": git["git.branch"],
-                      "git_dirty": git["git.dirty"] == "true", "params_sha256": params_hash(params)},
+        "workspace": {"task": params.task, "git_commit": git["commit"], "git_branch": git["branch"],
+                      "git_dirty": git["dirty"] == "true", "params_sha256": params_hash(params)},
         "data": {"sha256": manifest.get("source_sha256")} if manifest else not_produced("ingest"),
         "validation": validation_verdict(validation) if validation else not_produced("validate"),
         "gate": gate_verdict(gate) if gate else not_produced("gate"),

@@ -71,7 +71,7 @@ class Paths(Section):
     )
     gate: Path = Field(Path("metrics/gate.json"), description="The gate stage's verdict (a DVC metric).")
     gate_report: Path = Field(
-        Path("reports/gate.md"), description="Markdown report of `lmforge gate --against REV`."
+        Path("reports/gate.md"), description="Markdown report of `lmforge compare --against REV`."
     )
     export: Path = Field(
         Path("models/onnx"), description="Stage export: ONNX model(s), tokenizer, export.json."
@@ -79,6 +79,20 @@ class Paths(Section):
     export_report: Path = Field(
         Path("metrics/export.json"), description="Export parity: metric deltas, size, latency."
     )
+    aligned: Path = Field(Path("models/aligned"), description="Stage align: the aligned model "
+                          "(align.json only when align.method is none: train's model is the one).")
+    align_metrics: Path = Field(Path("metrics/align.json"), description="Stage align's summary.")
+    align_plots: Path = Field(Path("plots/align"), description="Stage align's per-step curves.")
+    align_checkpoints: Path = Field(
+        Path("models/align_checkpoints"), description="Stage align's resume state (not a DVC output).")
+    audit: Path = Field(Path("metrics/audit.json"), description="Stage audit: likely label errors "
+                        "per class, estimated noise rate, per-class label quality (a DVC metric).")
+    audit_report: Path = Field(
+        Path("reports/audit"), description="Stage audit: label_issues.csv (every row, worst label "
+        "first) and the flagged rows as Label Studio tasks (tasks.json, config.xml).")
+    select: Path = Field(
+        Path("reports/select"), description="Stage select: the unlabelled rows to label next as "
+        "Label Studio tasks (tasks.json, config.xml) and ranking.csv (the whole pool).")
 
 
 class SplitFractions(Section):
@@ -108,6 +122,19 @@ class Cleaning(Section):
     drop_duplicates: bool = Field(True, description="Drop exact duplicate (text, label) rows.")
 
 
+class Chat(Section):
+    """causal_lm on conversations: how ingest reads them (lmforge/data/conversations.py, docs/chat.md)."""
+
+    format: Literal["auto", "messages", "sharegpt", "alpaca"] = Field(
+        "auto", description="messages: OpenAI {messages: [{role, content}]}; sharegpt: "
+        "{conversations: [{from, value}]}; alpaca: {instruction, input, output}; auto: per row, "
+        "by which of those fields it has.")
+    on_bad_row: Literal["error", "drop"] = Field(
+        "error", description="A row with an unknown role, a missing field or a non-string "
+        "content: error stops ingest naming the row; drop skips it, counted per reason in the "
+        "manifest.")
+
+
 class Data(Section):
     """Stage ``ingest``: where the data comes from and how it is cleaned and split."""
 
@@ -123,6 +150,12 @@ class Data(Section):
         "text_column). Set together with response_column.")
     response_column: str | None = Field(
         None, description="causal_lm on pairs: column holding the response the loss is counted on.")
+    rejected_column: str | None = Field(
+        None, description="causal_lm pairs as preferences (align.method dpo): column holding the "
+        "rejected answer; response_column holds the chosen one.")
+    chat: Chat | None = Field(
+        None, description="causal_lm on conversations (JSONL/JSON/Parquet rows in the messages, "
+        "ShareGPT or Alpaca format, converted to one `messages` column); null: text or pairs.")
     text_unit: Literal["document", "line"] = Field(
         "document", description="A .txt source: one row per blank-line-separated document, or per line.")
     labels: list[str | int] | None = Field(
@@ -152,6 +185,9 @@ class Data(Section):
             problems.append("prompt_column and response_column go together: set both or neither")
         elif self.pairs and self.prompt_column == self.response_column:
             problems.append(f"prompt_column and response_column are both '{self.prompt_column}'")
+        if self.chat is not None and self.pairs:
+            problems.append("chat and prompt_column: a source holds conversations or pairs, not both "
+                            "(set prompt_column and response_column to null, or chat to null)")
         if self.text_column == self.label_column:
             problems.append(f"text_column and label_column are both '{self.text_column}'")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -180,8 +216,12 @@ class Validate(Section):
         0.05, ge=0, le=1, description="Largest share of rows that repeat an earlier text in a split."
     )
     check_leakage: bool = Field(
-        True, description="Fail when a text of validation/test also appears in train."
+        True, description="Fail when a text of validation/test also appears in train (chat: the "
+        "first user turn)."
     )
+    max_turns: int | None = Field(
+        32, ge=2, description="chat: most messages in one conversation (system included). The "
+        "characters of a whole conversation are bounded by min_text_chars..max_text_chars.")
     examples: int = Field(5, ge=1, le=50, description="Example values shown per failed check.")
 
     @model_validator(mode="after")
@@ -248,7 +288,7 @@ class Prepare(Section):
     """Stage ``prepare``: tokenization."""
 
     max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per text (truncation); "
-                            "causal_lm pairs: per prompt + response.")
+                            "causal_lm pairs: per prompt + response; chat: per conversation.")
     map_batch_size: int = Field(1000, ge=1, description="Rows per datasets.map batch.")
     block_size: int = Field(128, ge=8, le=32768, description="causal_lm on plain text: tokens per "
                             "packed training block.")
@@ -256,6 +296,12 @@ class Prepare(Section):
         "### Prompt:\n{prompt}\n### Response:\n",
         description="causal_lm pairs: the text the model sees before the response; {prompt} is "
         "replaced by the prompt. The service wraps prompts in it too.")
+    chat_loss: Literal["all_turns", "last_turn"] = Field(
+        "all_turns", description="chat: the loss counts the tokens of every assistant turn, or of "
+        "the last one only; every other token is ignored.")
+    chat_overflow: Literal["drop_oldest_turns", "refuse"] = Field(
+        "drop_oldest_turns", description="chat: a conversation over max_length tokens loses its "
+        "oldest user/assistant turns (the system message stays), or stops prepare naming it.")
 
     @field_validator("template")
     @classmethod
@@ -332,6 +378,10 @@ class Train(Section):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     log_every_n_steps: int = Field(5, ge=1)
+    progress_every_n_steps: int | None = Field(
+        10, ge=1, description="Print a progress line every N optimizer steps (and one per epoch) "
+        "when stdout is not a terminal (DVC, CI, a log file); null: epoch lines only."
+    )
     checkpoint_every_n_steps: int | None = Field(
         50, ge=1, description="Also write last.ckpt every N optimizer steps, so a killed run "
         "loses at most N steps; null: only at epoch ends."
@@ -377,12 +427,29 @@ class Evaluate(Section):
                                "sample continuations.")
 
 
+class Plots(Section):
+    """Evaluate's charts in `dvc plots` (dvc.yaml's top-level ``plots:``), read by DVC alone.
+
+    Each maps the file a chart draws to its column on y; ``{}`` draws nothing. DVC has no
+    conditionals and warns on every call about a declared file that does not exist, so each task
+    declares only the files it writes (``lmforge/tasks.py``): examples/lm_*.yaml switch them.
+    """
+
+    confusion: dict[str, str] = Field({"plots/eval/confusion.csv": "predicted"},
+                                      description="classification: the confusion matrix.")
+    per_class: dict[str, str] = Field({"plots/eval/per_class.csv": "label"},
+                                      description="classification: F1 per class.")
+    perplexity: dict[str, str] = Field({}, description="causal_lm: the starting and the trained "
+                                       "model's perplexity.")
+
+
 class Tracking(Section):
     """MLflow: where runs go. The MLFLOW_TRACKING_URI environment variable overrides ``uri``."""
 
     uri: str = Field("sqlite:///mlflow.db", description="Default store: a file at the repo root.")
     experiment: str = Field("lmforge", min_length=1)
-    log_model: bool = Field(True, description="Log the model folder as run artifacts.")
+    log_model: bool = Field(True, description="Log the trained model into the run as an MLflow "
+                            "(pyfunc) model, which the gate registers.")
 
 
 class Package(Section):
@@ -453,7 +520,7 @@ class Tolerance(Section):
 
 
 class Gate(Section):
-    """Stage ``gate`` (floors) and ``lmforge gate --against REV`` (tolerances).
+    """Stage ``gate`` (floors) and ``lmforge compare --against REV`` (tolerances).
 
     Keys are metric names of ``paths.eval_metrics``, dotted for nested ones
     (``per_class.negative.f1``).
@@ -491,6 +558,162 @@ class Export(Section):
     latency_repeats: int = Field(20, ge=1, description="Timed runs per latency figure.")
 
 
+class Audit(Section):
+    """Stage ``audit`` (classification): likely label errors, by cleanlab's confident learning on
+    out-of-fold probabilities of a cheap model (lmforge/classification/audit.py)."""
+
+    enabled: bool = Field(True, description="false: the stage only records that it is off.")
+    features: list[Literal["encoder", "tfidf"]] = Field(
+        ["encoder", "tfidf"], min_length=1, description="The cheap model's views of a text, one "
+        "logistic regression each, probabilities averaged: encoder (model.source's mean-pooled "
+        "sentence embeddings), tfidf (word 1-2-grams).")
+    folds: int = Field(5, ge=2, le=50, description="Cross-validation folds: every row is scored by "
+                       "a model that never saw it. Each class needs at least this many rows.")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="null: flag the rows cleanlab's confident learning finds; a "
+        "number: flag the rows whose label quality score is below it.")
+    max_noise_rate: float | None = Field(
+        None, ge=0, le=1, description="Stop the pipeline when the estimated share of wrong labels "
+        "is above this (the report is written first); null: never.")
+    batch_size: int = Field(64, ge=1, description="Texts per encoder forward pass.")
+    seed: int = Field(42, description="Seed of the fold assignment.")
+
+    @field_validator("features")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"features has duplicates: {v}")
+        return v
+
+
+class Select(Section):
+    """Stage ``select`` (classification): the unlabelled rows the trained model is least sure of,
+    spread out, as Label Studio tasks with the model's prediction as a pre-annotation."""
+
+    strategy: Literal["margin", "entropy"] = Field(
+        "margin", description="Uncertainty: margin (1 - the gap between the two likeliest labels) "
+        "or entropy (of the predicted distribution, over its maximum).")
+    top_n: int = Field(100, ge=1, description="Rows to label next (the Label Studio tasks).")
+    max_similarity: float | None = Field(
+        0.9, gt=0, le=1, description="Diversity guard: a candidate whose cosine similarity (encoder "
+        "embeddings, as audit's) to an already chosen row is above this is skipped; null: off.")
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+
+
+class Dpo(Section):
+    """align.method dpo: preference optimization on (prompt, chosen, rejected) rows."""
+
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference: "
+                        "the scale of the implicit reward (ipo: the regularization tau).")
+    loss: Literal["sigmoid", "ipo", "robust", "simpo"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: squared, length-normalized; robust: DPO "
+        "unbiased under label noise; simpo: reference-free, length-normalized, with a margin.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid, robust, simpo: "
+                                   "assumed share of pairs whose preference is flipped.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target margin, as gamma / beta.")
+
+
+class Reward(Section):
+    """One GRPO reward: a built-in or a function of yours, times its weight."""
+
+    function: str = Field(description="exact_match, regex, numeric, length_penalty, or "
+                          "'rewards.<module>:<function>' in the repo's rewards/ folder.")
+    weight: float = Field(1.0, description="Factor of this reward in the sum a completion scores.")
+    pattern: str | None = Field(None, description="regex: the stripped completion must match it "
+                                "whole (1.0) or scores 0.0.")
+    tolerance: float | None = Field(None, ge=0, description="numeric: largest distance between "
+                                    "the completion's last number and the reference's that scores 1.0.")
+    max_chars: int | None = Field(None, ge=1, description="length_penalty: characters allowed; "
+                                  "each one over costs 1/max_chars.")
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> Reward:
+        need = {"regex": "pattern", "numeric": "tolerance", "length_penalty": "max_chars"}
+        builtin = self.function in (*need, "exact_match")
+        if not builtin and not re.fullmatch(r"rewards(\.\w+)+:\w+", self.function):
+            raise ValueError(f"function '{self.function}': a built-in (exact_match, regex, "
+                             "numeric, length_penalty) or 'rewards.<module>:<function>'")
+        for name, option in need.items():
+            given = getattr(self, option) is not None
+            if given != (self.function == name):
+                raise ValueError(f"{option} goes with function {name}, and {name} needs it")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {err}"
+                                 ) from None
+        return self
+
+
+class Grpo(Section):
+    """align.method grpo: reinforcement learning on prompts with programmable rewards."""
+
+    group_size: int = Field(8, ge=2, le=256, description="Completions sampled per prompt; each is "
+                            "scored against its group's mean and spread.")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature of completions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass of completions.")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Longest completion.")
+    kl_coef: float = Field(0.04, ge=0, description="Weight of the per-token KL to the reference.")
+    clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip of the probability ratio.")
+    updates_per_batch: int = Field(1, ge=1, le=16, description="Gradient steps on each sampled "
+                                   "batch (1: the ratio is 1 and the clip never binds).")
+    rewards: dict[str, Reward] = Field(
+        default_factory=lambda: {"exact_match": Reward(function="exact_match")}, min_length=1,
+        description="Name -> reward; summed, each times its weight, into one reward per "
+        "completion. The names head the curves' columns (<name>_mean, <name>_std).")
+
+    @field_validator("rewards")
+    @classmethod
+    def _plain_names(cls, v: dict[str, Reward]) -> dict[str, Reward]:
+        bad = [name for name in v if not re.fullmatch(r"[A-Za-z_]\w*", name)]
+        if bad:
+            raise ValueError(f"reward names {bad}: letters, digits and _ only (curve columns)")
+        return v
+
+
+class Align(Section):
+    """Stage ``align``: after train, DPO-family preference optimization or GRPO; off by default."""
+
+    method: Literal["none", "dpo", "grpo"] = Field(
+        "none", description="none: the stage writes a marker and evaluate scores train's model.")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW, constant after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup.")
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1, description="dpo: preference pairs per step; grpo: prompts "
+                            "per step (each sampled group_size times).")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    gradient_clip_val: float | None = Field(1.0, gt=0, description="null: no clipping.")
+    seed: int = Field(42, description="Batches and samples of step s are drawn from seed + s alone.")
+    log_every_n_steps: int = Field(5, ge=1, description="Console lines; every step is in the curves.")
+    checkpoint_every_n_steps: int | None = Field(
+        20, ge=1, description="A killed run redoes at most this many steps; null: no checkpoints.")
+    eval_batch_size: int = Field(32, ge=1, description="Rows per forward pass on the test split.")
+    dpo: Dpo = Dpo()
+    grpo: Grpo = Grpo()
+
+
+def align_problems(p: Params) -> list[str]:
+    """align settings that do not fit the data or the model."""
+    problems, data, method = [], p.data, p.align.method
+    if data.rejected_column is not None and not data.pairs:
+        problems.append("data.rejected_column: preferences are prompt/response pairs; set "
+                        "data.prompt_column and data.response_column too")
+    elif data.rejected_column in (data.prompt_column, data.response_column) and data.pairs:
+        problems.append(f"data.rejected_column: '{data.rejected_column}' is already the prompt or "
+                        "response column")
+    if method != "none" and (p.task != CAUSAL_LM or not data.pairs):
+        problems.append(f"align.method: '{method}' aligns a causal LM trained on prompt/response "
+                        "pairs (task causal_lm, data.prompt_column)")
+    if method == "dpo" and data.rejected_column is None:
+        problems.append("align.method: 'dpo' needs preference rows: set data.rejected_column")
+    if method == "grpo" and p.model.source == SCRATCH and p.model.scratch.context <= (
+            p.align.grpo.max_new_tokens):
+        problems.append(f"align.grpo.max_new_tokens: {p.align.grpo.max_new_tokens} leaves no "
+                        f"room for a prompt in model.scratch.context ({p.model.scratch.context})")
+    return problems
+
+
 def task_problems(p: Params) -> list[str]:
     """Settings that do not fit ``task``, each naming its key: checked together, reported together."""
     task, problems = p.task, []
@@ -499,11 +722,14 @@ def task_problems(p: Params) -> list[str]:
                         "pretrained model (a folder, hub id or package:...)")
     if task == CLASSIFICATION and p.data.pairs:
         problems.append("data.prompt_column: prompt/response pairs are for task causal_lm")
+    if task == CLASSIFICATION and p.data.chat is not None:
+        problems.append("data.chat: conversations are for task causal_lm")
     if task == CAUSAL_LM and p.model.source == SCRATCH and p.model.lora is not None:
         problems.append("model.lora: adapters are for a pretrained model; from scratch every weight "
                         "trains (set model.lora: null)")
     if task == CAUSAL_LM and p.model.source == SCRATCH:
-        key = "max_length" if p.data.pairs else "block_size"  # the longest training row
+        responses = p.data.pairs or p.data.chat is not None
+        key = "max_length" if responses else "block_size"  # the longest training row
         if p.model.scratch.context < getattr(p.prepare, key):
             problems.append(f"model.scratch.context: {p.model.scratch.context} is shorter than "
                             f"prepare.{key} ({getattr(p.prepare, key)})")
@@ -515,13 +741,14 @@ def task_problems(p: Params) -> list[str]:
     if es is not None and es.monitor not in entry.monitors:
         problems.append(f"train.early_stopping.monitor: '{es.monitor}' is not computed for task "
                         f"{task}; one of {', '.join(entry.monitors)}")
-    known = entry.eval_metrics(p.data.pairs)
+    known = entry.eval_metrics(p.data.pairs or p.data.chat is not None)
+    known += ("align",) if p.align.method != "none" else ()  # evaluate's before/after section
     for section, keys in (("floors", p.gate.floors), ("tolerances", p.gate.tolerances)):
         for key in keys:
             if key.split(".")[0] not in known:
                 problems.append(f"gate.{section}.{key}: task {task} has no such metric; it has "
                                 f"{', '.join(known)}")
-    problems += export_problems(p)
+    problems += export_problems(p) + align_problems(p)
     return problems
 
 
@@ -558,11 +785,15 @@ class Params(Section):
     prepare: Prepare = Prepare()
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
+    plots: Plots = Plots()
     tracking: Tracking = Tracking()
     package: Package = Package()
     serve: Serve = Serve()
     gate: Gate = Gate()
     export: Export = Export()
+    align: Align = Align()
+    audit: Audit = Audit()
+    select: Select = Select()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -33,13 +33,15 @@ class Task:
     reports: tuple[str, ...]  # files evaluate writes into paths.eval_reports
     service: str  # the Bento's service (bentofile syntax), with its endpoints
     endpoints: tuple[str, ...]
-    # causal_lm on prompt/response pairs adds these to metrics and headline.
+    # causal_lm on prompt/response pairs or conversations (data.chat) adds these to metrics and
+    # headline: generations scored against the responses (the last assistant turns).
     pair_metrics: tuple[str, ...] = ()
     pair_headline: tuple[str, ...] = ()
     description: str = field(default="", compare=False)
 
     def eval_metrics(self, pairs: bool) -> tuple[str, ...]:
-        """Top-level keys of paths.eval_metrics for this task (pairs: the data has prompts)."""
+        """Top-level keys of paths.eval_metrics for this task (pairs: the data has prompts, as
+        pairs or conversations)."""
         return self.metrics + (self.pair_metrics if pairs else ())
 
     def headline_metrics(self, pairs: bool) -> tuple[str, ...]:
@@ -66,10 +68,11 @@ TASKS: dict[str, Task] = {
     ),
     CAUSAL_LM: Task(
         name=CAUSAL_LM,
-        description="next-token prediction on plain text, or a response given a prompt",
+        description="next-token prediction on plain text, a response given a prompt, or the "
+                    "assistant turns of conversations",
         meta_file="lm.json",
         metrics=("perplexity", "perplexity_start", "loss", "tokens", "n"),
-        pair_metrics=("bleu", "rouge1", "rouge2", "rougeL", "generated"),
+        pair_metrics=("bleu", "rouge1", "rouge2", "rougeL", "exact_match", "generated"),
         monitors=("val_loss", "val_perplexity"),
         default_monitor=("val_loss", "min"),
         headline=("perplexity",),
@@ -79,7 +82,8 @@ TASKS: dict[str, Task] = {
         plots=("perplexity.csv",),
         reports=("generations.csv",),
         service="bento.generate:Generator",
-        endpoints=("/generate", "/generate_stream", "/metadata"),
+        endpoints=("/generate", "/generate_stream", "/metadata", "/v1/chat/completions",
+                   "/v1/completions"),  # and GET /v1/models
     ),
 }
 

@@ -34,6 +34,12 @@ def source_problems(params: Params) -> list[str]:
                         f"or {HF_PREFIX}<dataset id>)")
     if not params.package.bentofile.is_file():
         problems.append(f"package.bentofile: {params.package.bentofile} does not exist")
+    grpo = params.align.grpo.rewards if params.align.method == "grpo" else {}
+    for name, reward in grpo.items():  # a user reward's module, before train spends minutes
+        module = reward.function.partition(":")[0]
+        if ":" in reward.function and not Path(*module.split(".")).with_suffix(".py").is_file():
+            problems.append(f"align.grpo.rewards.{name}: {reward.function}: no file "
+                            f"{Path(*module.split('.')).with_suffix('.py')}")
     if params.model.source.startswith(PACKAGE_PREFIX):
         try:
             resolve_model_source(params.model.source)

@@ -21,6 +21,7 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
+from lmforge.alignment import with_scored_model
 from lmforge.common import UserError, read_json, run_main, write_aside, write_json
 from lmforge.compare import judge, tolerance_text
 from lmforge.models import PICKLED, require_trained
@@ -71,9 +72,15 @@ def judge_drops(report: dict, tolerances: dict[str, Tolerance], folder: Path) ->
     return failures
 
 
+def say(what: str) -> None:
+    """A phase line, flushed: a log file (DVC, CI, a queue worker) shows where export is."""
+    print(f"export: {what}", flush=True)
+
+
 def build(params: Params, scorer, staging: Path) -> dict:
     """Score PyTorch, export (and quantize) into staging, score each ONNX model: the report."""
     cfg, paths = params.export, params.paths
+    say(f"scoring the PyTorch model on {len(scorer.rows)} test rows")
     ref_scores, ref_out = scorer.score()
     check_against_eval(ref_scores, paths.eval_metrics)
     module = logits_only(scorer.model, causal=params.task == CAUSAL_LM)
@@ -81,8 +88,10 @@ def build(params: Params, scorer, staging: Path) -> dict:
     big = weights > EXTERNAL_DATA_BYTES
     # The two longest rows: an axis of size 1 in the example would be traced as a constant.
     example = scorer.feed(sorted(scorer.rows * 2, key=lambda r: len(r["input_ids"]))[-2:])
+    say(f"exporting {FILES['onnx']} (opset {cfg.opset})")
     export_onnx(module, example, staging / FILES["onnx"], cfg.opset, big)
     if cfg.quantize:
+        say(f"quantizing to {FILES['onnx_int8']}")
         quantize(staging / FILES["onnx"], staging / FILES["onnx_int8"], big)
     report = {"enabled": True, "task": params.task, "rows": len(scorer.rows), "passed": True,
               "failures": [],
@@ -90,6 +99,7 @@ def build(params: Params, scorer, staging: Path) -> dict:
                         **latencies(scorer, torch_forward(module, scorer.inputs), cfg.latency_repeats)}}
     for runtime, name in FILES.items():
         if (staging / name).exists():
+            say(f"scoring {name} with onnxruntime")
             forward = ort_forward(staging / name)
             scores, out = scorer.score(forward)
             report[runtime] = {
@@ -154,7 +164,7 @@ def table(report: dict) -> str:
 
 def main(params: Params | None = None) -> dict:
     """Export, score and judge (or record that export is off); returns the report."""
-    params = params or load_params()
+    params = with_scored_model(params or load_params())  # align's model, when it wrote one
     paths = params.paths
     if not params.export.enabled:
         return write_disabled(paths)
@@ -164,6 +174,7 @@ def main(params: Params | None = None) -> dict:
         from lmforge.causal_lm.export import ExportScorer
     else:
         from lmforge.classification.export import ExportScorer
+    say("loading the model and the test split")
     scorer = ExportScorer(params)
     # Written aside, swapped in together. Beyond tolerance, the report (the verdict) still lands
     # but the export folder does not: a failed export never replaces a good one.

@@ -1,15 +1,18 @@
-"""Stage gate: absolute floors on the test metrics; a model inside them is registered in MLflow.
+"""Stage gate: absolute floors on the test metrics; the model is registered in MLflow with an alias
+saying whether it passed.
 
     python -m stages.gate      # normally via `dvc repro gate`; reads `gate` and `paths`
 
 Every key of ``gate.floors`` is a dotted path into ``paths.eval_metrics`` (``accuracy``,
 ``per_class.negative.f1``) with a ``min``, a ``max`` or both. The verdict goes to ``paths.gate`` (a
-DVC metric: numbers and booleans only) and, as metric ``gate_passed`` (1/0), to the pipeline's
-MLflow run. A failed floor exits 2 after writing the verdict, so `dvc repro` stops before package
-and nothing is registered. When every floor holds and ``gate.registered_model`` is set, the model
-folder train logged to the run (artifact path ``model``) becomes a version of that registered
-model, tagged with the run's lineage and the test metrics; gating the same run again reuses its
-version instead of adding a duplicate.
+DVC metric: numbers and booleans only) and, as tag ``gate.passed`` (true/false), to the pipeline's
+MLflow run. When ``gate.registered_model`` is set, the MLflow model train logged into the run
+becomes a version of that registered model, tagged with the run's lineage and the test metrics,
+with alias ``champion`` when every floor holds and ``candidate`` when one does not; gating the same
+run again reuses its version. A failed floor exits 2 after writing the verdict, so `dvc repro`
+stops before package.
+
+    mlflow.pyfunc.load_model("models:/lmforge-classifier@champion")   # the newest passing model
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from lmforge import tracking
 from lmforge.common import UserError, is_number, read_json, run_main, write_json
 from lmforge.params import Floor, Params, load_params
 
-# Run tags that say where a model comes from; copied onto its registry version.
-LINEAGE_TAGS = ("git.commit", "git.branch", "git.dirty", "data.sha256", "dvc.exp_name")
+# Run tags that say where a model comes from, copied onto its registry version: run tag -> version
+# tag (a version has no source tags of its own, so the commit and branch get plain names there).
+LINEAGE_TAGS = {tracking.GIT_COMMIT: "git.commit", tracking.GIT_BRANCH: "git.branch",
+                "git.dirty": "git.dirty", "data.sha256": "data.sha256", "dvc.exp_name": "dvc.exp_name"}
+CHAMPION, CANDIDATE = "champion", "candidate"  # registry aliases: passed the floors, or not
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict[str, object]:
@@ -73,7 +79,7 @@ def failure_summary(checks: dict, source: str) -> str:
 
 def version_tags(run_tags: dict[str, str], metrics: dict) -> dict[str, str]:
     """Registry version tags: the run's lineage plus every top-level test metric (test_accuracy...)."""
-    tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
+    tags = {mine: run_tags[theirs] for theirs, mine in LINEAGE_TAGS.items() if theirs in run_tags}
     tags |= {f"test_{k}": str(v) for k, v in metrics.items() if is_number(v)}
     return tags
 
@@ -83,22 +89,20 @@ def create_registered_model(client, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name, description="lmforge models that passed gate.floors")
+        client.create_registered_model(name, description="lmforge models, gated by gate.floors: "
+                                       "@champion passed them, @candidate did not")
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
 
 
-def register(client, name: str, run_id: str, tags: dict[str, str]) -> int:
-    """A version of `name` for the run's logged model folder; the run's existing version if any."""
+def version_of(client, name: str, run_id: str, model_id: str, tags: dict[str, str]) -> int:
+    """The run's version of `name`, created from its logged model (models:/<id>) the first time:
+    one version per trained model, however often it is gated."""
     from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
-    if not client.list_artifacts(run_id, "model"):
-        raise UserError(f"MLflow run {run_id} holds no model artifacts to register: set "
-                        "tracking.log_model: true and rerun train, or gate.registered_model: null")
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    if existing:  # the same model gated again (a floor changed): one version per trained model
+    if existing:
         return max(int(v.version) for v in existing)
     try:
         client.get_registered_model(name)
@@ -106,25 +110,42 @@ def register(client, name: str, run_id: str, tags: dict[str, str]) -> int:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         create_registered_model(client, name)
-    # The real location (a path, s3://, mlflow-artifacts:/), not runs:/: a tracking server accepts
-    # it when it lies inside the run's artifact root, and it stays valid for any registry client.
-    source = RunsArtifactRepository.get_underlying_uri(f"runs:/{run_id}/model")
-    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
+                                          tags=tags, model_id=model_id)
     return int(version.version)  # a str from a tracking server, an int from a sqlite store
 
 
+def register(client, name: str, run_id: str, tags: dict[str, str], passed: bool) -> int | None:
+    """Register the model train logged into the run and point an alias at it: ``champion`` when it
+    passed the floors, ``candidate`` when it did not (champion stays where it was). Returns the
+    version; None when a failed run logged no model (the floors' failure is the message)."""
+    model_id = tracking.logged_model_id(client, run_id)
+    if model_id is None:
+        if not passed:
+            return None
+        raise UserError(f"MLflow run {run_id} holds no logged model to register: set "
+                        "tracking.log_model: true and rerun train, or gate.registered_model: null")
+    version = version_of(client, name, run_id, model_id, tags)
+    client.set_model_version_tag(name, str(version), "gate.passed", str(passed).lower())
+    client.set_registered_model_alias(name, CHAMPION if passed else CANDIDATE, str(version))
+    if passed and CANDIDATE in client.get_model_version(name, str(version)).aliases:
+        client.delete_registered_model_alias(name, CANDIDATE)  # failed once, passes now
+    return version
+
+
 def record_in_mlflow(params: Params, verdict: dict, metrics: dict) -> int | None:
-    """Log gate_passed to the pipeline's run; register the model when it passed. Returns the version."""
+    """Tag the pipeline's run with the verdict (gate.passed) and register its model (see
+    register) unless gate.registered_model is null. Returns the version."""
     import mlflow
 
     name = params.gate.registered_model
     with tracking.resume_run(params) as run:
-        mlflow.log_metric("gate_passed", int(verdict["passed"]))
-        if not verdict["passed"] or name is None:
+        mlflow.set_tag("gate.passed", str(verdict["passed"]).lower())
+        if name is None:
             return None
         client = mlflow.MlflowClient(tracking.tracking_uri(params.tracking))
         tags = version_tags(run.data.tags, metrics)
-        return register(client, name, run.info.run_id, tags)
+        return register(client, name, run.info.run_id, tags, verdict["passed"])
 
 
 def main(params: Params | None = None) -> dict:
@@ -133,15 +154,16 @@ def main(params: Params | None = None) -> dict:
     tracking.run_id(paths.run_info)  # fail early, with the stage to run, when train never ran
     metrics = read_json(paths.eval_metrics, "run `dvc repro evaluate` first")
     verdict = check_floors(metrics, params.gate.floors)
-    if not verdict["passed"]:
-        write_json(paths.gate, {**verdict, "registered_version": None})
-        record_in_mlflow(params, verdict, metrics)
-        raise UserError(failure_summary(verdict["checks"], str(paths.eval_metrics)))
     version = record_in_mlflow(params, verdict, metrics)
     verdict["registered_version"] = version
     write_json(paths.gate, verdict)
-    where = f", registered {params.gate.registered_model} v{version}" if version else ""
-    print(f"gate: {len(verdict['checks'])} floor(s) passed{where} -> {paths.gate}")
+    alias = CHAMPION if verdict["passed"] else CANDIDATE
+    where = f"{params.gate.registered_model} v{version} @{alias}" if version else ""
+    if not verdict["passed"]:
+        raise UserError(failure_summary(verdict["checks"], str(paths.eval_metrics))
+                        + (f"\n(registered as {where}, not as champion)" if where else ""))
+    print(f"gate: {len(verdict['checks'])} floor(s) passed{', registered ' + where if where else ''}"
+          f" -> {paths.gate}")
     return verdict
 
 

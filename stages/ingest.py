@@ -8,6 +8,11 @@ per document or line, ``data.text_unit``). Splits the source lacks are carved fr
 seeded split, stratified by label for classification. The manifest (a DVC metric) records rows,
 labels (causal_lm: characters), dropped rows and the source's content hash, so `dvc metrics diff`
 shows data changes between branches.
+
+Classification (docs/labelling.md): rows without a label (an empty label cell, or a folder source's
+``unlabeled`` file) go to ``<interim>/unlabeled.parquet``, never to a split; Label Studio JSON
+exports (the source itself, or a folder source's ``labelstudio/*.json``) add labels, resolved by
+majority, and the manifest counts what they held (``label_studio``) and the pool (``unlabeled``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ import pandas as pd
 
 from lmforge.common import SPLITS, UserError, run_main, sha256_of, write_aside, write_json
 from lmforge.data.cleaning import clean_table, labels_as_strings, row_key, text_columns
-from lmforge.data.sources import HF_PREFIX, delimiter_hint, load_source
+from lmforge.data.conversations import clean_conversations, load_conversations, manifest_detail
+from lmforge.data.pool import split_pools
+from lmforge.data.sources import (
+    HF_PREFIX,
+    LABEL_STUDIO_DIR,
+    UNLABELED,
+    delimiter_hint,
+    label_studio_exports,
+    load_source,
+)
 from lmforge.params import Data, Params, load_params
 from lmforge.tasks import CAUSAL_LM, CLASSIFICATION
 
@@ -110,6 +124,10 @@ def clean_one(df: pd.DataFrame, name: str, data: Data, task: str) -> tuple[pd.Da
     """Check and clean one table read from the source; causal_lm keeps only its text columns."""
     where = df.attrs.get("path") or f"{data.source} [{name}]"
     check_columns(df, where, data, task)
+    if data.chat is not None:  # conversations: read and cleaned by lmforge/data/conversations.py
+        cleaned, dropped = clean_conversations(df, data)
+        require_rows(cleaned, df, where, dropped, ["messages"])
+        return cleaned, dropped
     if task == CAUSAL_LM:
         df = df[list(text_columns(data, task).values())]
     else:
@@ -150,7 +168,9 @@ def build_manifest(
     Classification counts rows per label; causal_lm has no labels and counts characters per split.
     """
     rows = {s: len(df) for s, df in splits.items()}
-    if task == CAUSAL_LM:
+    if data.chat is not None:  # conversations: characters, turns and source formats per split
+        detail = manifest_detail(splits)
+    elif task == CAUSAL_LM:
         columns = list(text_columns(data, task).values())
         chars = {s: int(sum(df[c].str.len().sum() for c in columns)) for s, df in splits.items()}
         detail = {"chars": {**chars, "total": sum(chars.values())}}
@@ -174,6 +194,14 @@ def copy_raw(data: Data, tables: dict[str, pd.DataFrame], raw_dir: Path) -> None
         shutil.copy2(path, raw_dir / path.name)
 
 
+def copy_exports(exports: list[Path], raw_dir: Path, in_folder: bool) -> None:
+    """Label Studio exports go to raw/ as they sit in the source (a folder's in labelstudio/)."""
+    dest = raw_dir / LABEL_STUDIO_DIR if in_folder else raw_dir
+    for path in exports:
+        dest.mkdir(exist_ok=True)
+        shutil.copy2(path, dest / path.name)
+
+
 def write_splits(splits: dict[str, pd.DataFrame], out_dir: Path) -> None:
     for name, df in splits.items():
         df.to_parquet(out_dir / f"{name}.parquet", index=False)
@@ -182,16 +210,24 @@ def write_splits(splits: dict[str, pd.DataFrame], out_dir: Path) -> None:
 def main(params: Params | None = None) -> dict:
     params = params or load_params()
     data, paths = params.data, params.paths
-    tables = load_source(data, params.task)
-    splits, dropped = make_splits(tables, data, params.task)  # all checks pass before any write
+    tables = load_conversations(data) if data.chat else load_source(data, params.task)
+    # Classification: rows without a label are kept aside for labelling (stage select), and Label
+    # Studio exports add labels (lmforge/data/pool.py); neither changes a source without them.
+    exports = label_studio_exports(data, params.task)
+    pools = split_pools(tables, exports, data) if params.task == CLASSIFICATION else None
+    splits, dropped = make_splits(pools.tables if pools else tables, data, params.task)
     # dvc.yaml persists these outputs, so a failed run leaves the last good ones in place; new ones
     # are written aside and swapped in only once complete.
     with write_aside(paths.raw, paths.interim, paths.manifest) as (raw, interim, manifest_file):
         raw.mkdir()
         interim.mkdir()
         copy_raw(data, tables, raw)
+        copy_exports(exports, raw, Path(data.source).is_dir())
         write_splits(splits, interim)
+        if pools is not None:  # never a split: nothing downstream of validate reads it
+            pools.unlabeled.to_parquet(interim / f"{UNLABELED}.parquet", index=False)
         manifest = build_manifest(splits, dropped, data, sha256_of(raw), params.task)
+        manifest |= pools.manifest if pools else {}
         write_json(manifest_file, manifest)
     n_dropped = sum(sum(d.values()) for d in dropped.values())
     print(f"ingest: {manifest['rows']} rows, {n_dropped} dropped {dropped} -> {paths.interim}")

@@ -20,15 +20,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
 
+from lmforge.alignment import with_scored_model
 from lmforge.common import UserError, read_json, run_main, write_json
 from lmforge.models import require_trained
 from lmforge.params import Params, load_params
 from lmforge.tasks import CAUSAL_LM, CLASSIFICATION, task
-from lmforge.tracking import lineage_tags, params_hash, redact_uri
+from lmforge.tracking import git_state, own_files, params_hash, redact_uri
 
 # config.json keys holding a causal LM's positions, across architectures (GPT-2: n_positions).
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
@@ -54,12 +56,12 @@ def lm_settings(model_dir: Path) -> dict:
     lm = json.loads((model_dir / "lm.json").read_text())
     config = json.loads((model_dir / "config.json").read_text())
     fmt, template = lm.get("format"), lm.get("template")
-    if fmt not in ("text", "pairs") or (fmt == "pairs") != isinstance(template, str):
-        raise UserError(f"{model_dir / 'lm.json'}: needs format text (template null) or pairs "
-                        f"(with a template), got {fmt!r}: rerun `dvc repro train`")
+    if fmt not in ("text", "pairs", "chat") or (fmt == "pairs") != isinstance(template, str):
+        raise UserError(f"{model_dir / 'lm.json'}: needs format text or chat (template null) or "
+                        f"pairs (with a template), got {fmt!r}: rerun `dvc repro train`")
     context = next((config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
     if context is None:  # no position limit (e.g. a recurrent model): keep to the trained length
-        context = lm["max_length"] if fmt == "pairs" else lm["block_size"]
+        context = lm["block_size"] if fmt == "text" else lm["max_length"]
     # BentoML metadata holds no None: a plain-text model's unused template is "".
     return {"format": fmt, "template": template or "", "context": context}
 
@@ -74,13 +76,14 @@ def model_facts(kind: str, model_dir: Path) -> dict:
 
 def lineage(
     run_info: dict, manifest: dict, metrics: dict, validation: dict, params_sha256: str,
-    kind: str = CLASSIFICATION,
+    kind: str = CLASSIFICATION, ignore: Iterable[Path] = (),
 ) -> dict[str, str]:
     """Where the model comes from: run, code, data, params, and how it scored on the test split.
 
     ``params_sha256`` is tracking.params_hash, so `lmforge lineage` can match the store's model
     against the workspace's params.yaml. The test metrics are the task's headline metrics, plus
-    BLEU and ROUGE-L for a causal LM on pairs.
+    BLEU and ROUGE-L for a causal LM on pairs. ``ignore``: what git_dirty does not count
+    (tracking.own_files).
     """
     required = task(kind).headline
     missing = [k for k in required if k not in metrics]
@@ -88,13 +91,13 @@ def lineage(
         raise UserError(f"eval metrics lack {missing}: rerun `dvc repro evaluate`")
     if not isinstance(validation.get("success"), bool):
         raise UserError("the validation verdict lacks 'success': rerun `dvc repro validate`")
-    git = lineage_tags(manifest["source_sha256"])
+    git = git_state(ignore)
     extra = tuple(k for k in task(kind).pair_headline if k in metrics)
     return {
         "mlflow_run_id": run_info["run_id"],
         "mlflow_experiment_id": str(run_info.get("experiment_id", "")),
-        "git_commit": git["git.commit"],
-        "git_dirty": git["git.dirty"],
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
         "data_sha256": manifest["source_sha256"],
         "params_sha256": params_sha256,
         "validation_passed": str(validation["success"]).lower(),  # labels are strings
@@ -192,14 +195,15 @@ def build_bento(
 
 
 def main(params: Params | None = None) -> dict:
-    params = params or load_params()
+    params = with_scored_model(params or load_params())  # align's model, when it wrote one
     paths = params.paths
     facts = model_facts(params.task, paths.model)
     run_info = read_json(paths.run_info, "run `dvc repro train` first")
     manifest = read_json(paths.manifest, "run `dvc repro ingest` first")
     metrics = read_json(paths.eval_metrics, "run `dvc repro evaluate` first")
     validation = read_json(paths.validation, "run `dvc repro validate` first")
-    tags = lineage(run_info, manifest, metrics, validation, params_hash(params), params.task)
+    tags = lineage(run_info, manifest, metrics, validation, params_hash(params), params.task,
+                   own_files(paths))
 
     onnx = onnx_file(params)
     folder, skip = served_folder(params, onnx)

@@ -69,18 +69,23 @@ def manifest_hash(manifest: Path) -> str:
     return json.loads(manifest.read_text()).get("source_sha256", "unknown")
 
 
-def log_outputs(params: Params, run_id: str, metrics: dict, plots: list[Path], model: Path) -> None:
+def log_outputs(params: Params, run_id: str, metrics: dict, plots: list[Path], model: Path,
+                tokenizer, meta: dict) -> None:
+    """Into train's run, from the staged files: the summary, the curves, every split as an MLflow
+    dataset, and (tracking.log_model) the model as an MLflow model."""
     import mlflow
 
     mlflow.flush_async_logging()  # the logger's per-step metrics land before the run is read
-    client = mlflow.MlflowClient(tracking.tracking_uri(params.tracking))
-    for key, value in metrics.items():
-        if isinstance(value, int | float):
-            client.log_metric(run_id, key, value)
-    for plot in plots:
-        client.log_artifact(run_id, str(plot), "plots")
-    if params.tracking.log_model:
-        client.log_artifacts(run_id, str(model), "model")
+    frames = tracking.split_frames(params.paths.processed, meta)
+    scores, tags = tracking.run_summary(metrics)
+    with tracking.resume_run(params, run_id):
+        mlflow.log_metrics(scores)
+        mlflow.set_tags(tags)
+        for plot in plots:
+            mlflow.log_artifact(str(plot), "plots")
+        tracking.log_datasets(params, frames, manifest_hash(params.paths.manifest))
+        if params.tracking.log_model:
+            tracking.log_model(params, model, tracking.input_examples(frames["train"], tokenizer))
 
 
 def open_run(params: Params, budget: dict) -> tuple[Path | None, dict, str]:
@@ -98,8 +103,6 @@ def open_run(params: Params, budget: dict) -> tuple[Path | None, dict, str]:
 
 
 def main(params: Params | None = None) -> dict:
-    from lightning.pytorch.loggers import MLFlowLogger
-
     params = params or load_params()
     paths, cfg = params.paths, params.train
     require_hardware(cfg)  # before any loading, and before an MLflow run is opened
@@ -112,9 +115,7 @@ def main(params: Params | None = None) -> dict:
     speed_up(module.model, cfg)
     budget = {"max_epochs": cfg.max_epochs, "max_steps": cfg.max_steps}
     ckpt, run_info, fp = open_run(params, budget)
-    # Off rank 0 the logger is inert (Lightning's rank-zero guards): no run, no writes.
-    logger = MLFlowLogger(run_id=run_info["run_id"], tracking_uri=tracking.tracking_uri(params.tracking),
-                          synchronous=False)  # per-step metrics must not stall training
+    logger = fit.mlflow_logger(run_info["run_id"], tracking.tracking_uri(params.tracking))
     curves, best, callbacks = fit.make_callbacks(cfg, paths.checkpoints, params.task)
     trainer = fit.build_trainer(params, callbacks, logger)
     data = TextData(paths.processed / "datasets", tokenizer.pad_token_id, cfg)
@@ -140,7 +141,7 @@ def main(params: Params | None = None) -> dict:
         plots = write_curves(curves, plots_dir)
         write_json(metrics_file, metrics)
         write_json(run_file, run_info)
-        log_outputs(params, run_info["run_id"], metrics, plots, model_dir)
+        log_outputs(params, run_info["run_id"], metrics, plots, model_dir, tokenizer, meta)
     print(f"train: {metrics} -> {paths.model}")
     return metrics
 

@@ -3,9 +3,10 @@
     python -m stages.validate      # normally via `dvc repro validate`
 
 Every check has a stable name ``<split>/<check>`` (``train/text_not_null``,
-``test/no_leakage_from_train``). The verdict goes to ``paths.validation`` (a DVC metric) and the GX
-Data Docs to ``paths.data_docs``; then a failed check stops the pipeline with a summary naming each
-failed check, its unexpected count and example values.
+``test/no_leakage_from_train``). The verdict goes to ``paths.validation`` (a DVC metric); the GX
+Data Docs and ``summary.html`` (every check on one page that needs no network) to
+``paths.data_docs``; then a failed check stops the pipeline with a summary naming each failed
+check, its unexpected count and example values, and the page.
 
 Task causal_lm has no label checks. On prompt/response pairs the text checks apply to each of
 ``prompt`` and ``response`` (``validation/prompt_length``, ``test/response_not_blank``), duplicates
@@ -19,9 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from lmforge.alignment.checks import same_answer_checks, with_same_answers
 from lmforge.common import SPLITS, UserError, run_main, write_json
+from lmforge.data.chat_checks import chat_suite
 from lmforge.data.cleaning import label_set
 from lmforge.data.expectations import build_docs, make_context, validate_tables
+from lmforge.data.summary import write_summary
 from lmforge.params import Params, load_params
 from lmforge.tasks import CAUSAL_LM
 
@@ -39,7 +43,8 @@ def text_roles(params: Params) -> dict[str, str]:
     """Check-name prefix -> column of each text column: {"text": ...} or {"prompt": .., "response": ..}."""
     data = params.data
     if params.task == CAUSAL_LM and data.pairs:
-        return {"prompt": data.prompt_column, "response": data.response_column}
+        rejected = {"rejected": data.rejected_column} if data.rejected_column else {}  # preferences
+        return {"prompt": data.prompt_column, "response": data.response_column, **rejected}
     return {"text": data.text_column}
 
 
@@ -67,7 +72,8 @@ def with_derived(df: pd.DataFrame, train: pd.DataFrame, is_train: bool, params: 
 def derive_frames(frames: dict[str, pd.DataFrame], params: Params, labels: list[str]) -> dict:
     """The tables GX validates: each split plus the derived columns, and the class-balance table."""
     label, train = params.data.label_column, frames["train"]
-    out = {s: with_derived(df, train, s == "train", params) for s, df in frames.items()}
+    out = {s: with_same_answers(with_derived(df, train, s == "train", params), params.data)
+           for s, df in frames.items()}
     if params.task != CAUSAL_LM and label in train:
         rows = train[label].value_counts().reindex(labels, fill_value=0).to_numpy()
         shares = rows / max(len(train), 1)
@@ -109,6 +115,7 @@ def split_checks(split: str, columns, params: Params, labels: list[str]) -> list
         checks.append(("duplicate_share", dup))
     if v.check_leakage and leaked in columns:
         checks.append(("no_leakage_from_train", gxe.ExpectColumnValuesToBeNull(column=leaked)))
+    checks += same_answer_checks(columns)  # preferences: rejected differs from chosen
     if with_labels and label in columns:
         checks.append(("label_not_null", gxe.ExpectColumnValuesToNotBeNull(column=label)))
     # No label set (causal_lm, or train lacks the column: a check failed already): no in-set check.
@@ -139,7 +146,7 @@ def run_suite(frames: dict[str, pd.DataFrame], params: Params, docs_dir: Path | 
     """Validate the splits (``frames`` holds train, validation, test); Data Docs go to docs_dir.
 
     Returns {"success", "checks_failed", "label_set", "checks": {name: {success, unexpected_count,
-    expectation, column, examples, error}}}, checks in a stable order; label_set is None for
+    expectation, column, expected, examples, error}}}, checks in a stable order; label_set is None for
     causal_lm.
     """
     train, label = frames["train"], params.data.label_column
@@ -147,8 +154,11 @@ def run_suite(frames: dict[str, pd.DataFrame], params: Params, docs_dir: Path | 
         labels = None
     else:
         labels = label_set(train[label].dropna() if label in train else [], params.data.labels)
-    derived = derive_frames(frames, params, labels)
-    checks = build_checks(derived, params, labels)
+    if params.data.chat is not None:  # conversations: lmforge/data/chat_checks.py
+        derived, checks = chat_suite(frames, params)
+    else:
+        derived = derive_frames(frames, params, labels)
+        checks = build_checks(derived, params, labels)
     context = make_context()
     results = validate_tables(context, derived, checks, params.validate_.examples,
                               index_columns={BALANCE: ["class"]})
@@ -204,11 +214,11 @@ def main(params: Params | None = None) -> dict:
     frames = read_splits(paths.interim)
     report = run_suite(frames, params, docs_dir=paths.data_docs)
     write_json(paths.validation, as_metrics(report))  # written, and docs built, even on failure
-    index = paths.data_docs / "index.html"
+    summary = write_summary(report, paths.data_docs)  # readable offline, unlike the Data Docs
     if not report["success"]:
-        raise UserError(failure_summary(report, [paths.validation, index]))
+        raise UserError(failure_summary(report, [summary, paths.validation]))
     rows = {s: len(df) for s, df in frames.items()}
-    print(f"validate: all {len(report['checks'])} checks passed on {rows} rows; report: {index}")
+    print(f"validate: all {len(report['checks'])} checks passed on {rows} rows; report: {summary}")
     return report
 
 

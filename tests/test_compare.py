@@ -1,4 +1,4 @@
-"""`lmforge gate --against REV`: verdicts on plain numbers, then DVC diffs in a small git repo."""
+"""`lmforge compare --against REV`: verdicts on plain numbers, then DVC diffs in a small git repo."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_markdown_report_has_revisions_params_metrics_and_plots():
     rows = [Row("accuracy", 0.85, 0.8, "-0.01", "regressed")]
     text = compare.report("main", "a" * 40, "bbbbbbbbbbbb + uncommitted changes", rows,
                           {"params.yaml": {"train.seed": {"old": 1, "new": 2}}}, ["main: x"], "LINK")
-    assert "# Gate: workspace against `main`" in text and "aaaaaaaaaaaa" in text
+    assert "# Compare: workspace against `main`" in text and "aaaaaaaaaaaa" in text
     assert "| train.seed | 1 | 2 |" in text
     assert "| accuracy | 0.85 | 0.8 | -0.05 | -0.01 | regressed | FAIL |" in text
     assert "- main: x" in text and text.rstrip().endswith("LINK")
@@ -129,6 +129,8 @@ def repo(tmp_path, monkeypatch) -> Path:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy2(REPO / name, root / name)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    shutil.copy2(REPO / ".dvc/config", root / ".dvc/config")  # the offline plots page
+    shutil.copy2(REPO / ".dvc/plots-template.html", root / ".dvc/plots-template.html")
     write(root, "metrics/eval.json", BASE_EVAL)
     write(root, "metrics/train.json", {"best_val_accuracy": 0.8, "wall_s": 10.0})
     write(root, "plots/train/val.csv", "epoch,val_accuracy\n0,0.7\n1,0.8\n")
@@ -138,7 +140,7 @@ def repo(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def gate_args(against: str = "main", report: str | None = None) -> argparse.Namespace:
+def compare_args(against: str = "main", report: str | None = None) -> argparse.Namespace:
     return argparse.Namespace(against=against, report=report)  # what lmforge/cli.py passes
 
 
@@ -150,7 +152,7 @@ def test_regression_and_deleted_metric_fail_with_a_report(repo, capsys):
     params = (repo / "params.yaml").read_text()
     (repo / "params.yaml").write_text(params.replace("learning_rate: 1.0e-4", "learning_rate: 3.0e-4"))
 
-    assert compare.run(gate_args()) == 1
+    assert compare.run(compare_args()) == 1
     out = capsys.readouterr().out
     assert "regressed" in out and "FAIL: 2 gated metric(s)" in out
 
@@ -162,6 +164,8 @@ def test_regression_and_deleted_metric_fail_with_a_report(repo, capsys):
     assert "| train.learning_rate | 0.0001 | 0.0003 |" in text
     assert "+ uncommitted changes" in text
     assert "(gate_plots/index.html)" in text and (repo / "reports/gate_plots/index.html").is_file()
+    page = (repo / "reports/gate_plots/index.html").read_text()
+    assert "vegaEmbed('#" in page and "cdn.jsdelivr" not in page  # vega inline: renders offline
 
 
 def test_improvement_passes_and_report_path_is_honoured(repo, capsys):
@@ -169,7 +173,7 @@ def test_improvement_passes_and_report_path_is_honoured(repo, capsys):
     git(repo, "checkout", "-qb", "better")
     git(repo, "commit", "-qam", "better model")
 
-    assert compare.run(gate_args(report="out/cmp.md")) == 0
+    assert compare.run(compare_args(report="out/cmp.md")) == 0
     assert "PASS: no gated metric regressed" in capsys.readouterr().out
     text = (repo / "out/cmp.md").read_text()
     assert "| accuracy | 0.85 | 0.9 | +0.05 | -0.01 | improved | PASS |" in text
@@ -180,26 +184,31 @@ def test_improvement_passes_and_report_path_is_honoured(repo, capsys):
 
 def test_unknown_revision_is_a_user_error(repo):
     with pytest.raises(UserError, match="unknown revision 'nope'"):
-        compare.run(gate_args("nope"))
+        compare.run(compare_args("nope"))
     assert not (repo / "reports/gate.md").exists()
 
 
 def test_console_script_exit_statuses(repo):
     lmforge = Path(sys.executable).parent / "lmforge"
     write(repo, "metrics/eval.json", {**BASE_EVAL, "loss": 0.7})  # +40%: beyond 10%
-    run = subprocess.run([str(lmforge), "gate", "--against", "main"], cwd=repo,
+    run = subprocess.run([str(lmforge), "compare", "--against", "main"], cwd=repo,
                          capture_output=True, text=True)
     assert run.returncode == 1, run.stderr
-    assert "loss" in run.stdout and "regressed" in run.stdout
-    bad = subprocess.run([str(lmforge), "gate", "--against", "no-such-branch"], cwd=repo,
+    assert "loss" in run.stdout and "regressed" in run.stdout and "is now" not in run.stderr
+    bad = subprocess.run([str(lmforge), "compare", "--against", "no-such-branch"], cwd=repo,
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert "error: unknown revision 'no-such-branch'" in bad.stderr and "Traceback" not in bad.stderr
+    # The old name still works, and says it is old.
+    old = subprocess.run([str(lmforge), "gate", "--against", "main"], cwd=repo,
+                         capture_output=True, text=True)
+    assert old.returncode == 1 and old.stdout == run.stdout
+    assert "`lmforge gate` is now `lmforge compare`" in old.stderr
 
 
 def test_plots_that_cannot_be_rendered_are_reported_not_fatal(repo):
     write(repo, "reports/gate_plots", "a file where the plots folder goes")
-    assert compare.run(gate_args()) == 0  # nothing changed
+    assert compare.run(compare_args()) == 0  # nothing changed
     text = (repo / "reports/gate.md").read_text()
     assert "Plots not rendered:" in text and "reports/gate_plots" in text
     assert "| accuracy | 0.85 | 0.85 | +0 | -0.01 | unchanged | PASS |" in text

@@ -57,9 +57,9 @@ def _register(barrier, store: str, run_id: str, queue) -> None:
         from stages.gate import register
 
         uri = f"sqlite:///{store}"
-        mlflow.set_tracking_uri(uri)  # as gate's resume_run does: runs:/ URIs resolve against it
+        mlflow.set_tracking_uri(uri)  # as gate's resume_run does: models:/ URIs resolve against it
         barrier.wait(timeout=60)
-        queue.put((run_id, register(mlflow.MlflowClient(uri), REGISTERED, run_id, {})))
+        queue.put((run_id, register(mlflow.MlflowClient(uri), REGISTERED, run_id, {}, True)))
     except BaseException as err:  # noqa: BLE001
         queue.put((run_id, f"ERROR {type(err).__name__}: {err}"))
 
@@ -94,8 +94,11 @@ def test_concurrent_first_runs_in_an_empty_sqlite_store_all_land(tmp_path, monke
     assert experiment.artifact_location.endswith(str(tmp_path / "mlruns" / "lmforge"))
 
     # Then every run's model is registered at once under one name: one version each.
-    for run_id in runs.values():
-        client.log_text(run_id, "weights", "model/weights.txt")
+    from mlflow.entities import LoggedModelOutput
+
+    for run_id in runs.values():  # as train leaves it: a model logged into the run
+        model = client.create_logged_model(experiment.experiment_id, source_run_id=run_id)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     versions = race(_register, [(str(store), run_id) for run_id in runs.values()])
     assert sorted(versions.values()) == list(range(1, WORKERS + 1))
     listed = client.search_model_versions(f"name='{REGISTERED}'")
@@ -106,24 +109,32 @@ def test_gate_that_loses_the_race_to_create_the_registered_model_still_registers
         tmp_path, monkeypatch):
     """Two gates both find no registered model, both create it: the second must carry on."""
     import mlflow
+    from mlflow.entities import LoggedModelOutput
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
     from stages.gate import register
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)  # as gate's resume_run does: runs:/ URIs resolve against it
+    mlflow.set_tracking_uri(uri)  # as gate's resume_run does: models:/ URIs resolve against it
     client = mlflow.MlflowClient(uri)
-    run = client.create_run(client.create_experiment("lmforge"))
-    client.log_text(run.info.run_id, "weights", "model/weights.txt")
+    experiment = client.create_experiment("lmforge")
+    run = client.create_run(experiment)
+    model = client.create_logged_model(experiment, name="model", source_run_id=run.info.run_id)
+    client.log_outputs(run.info.run_id, [LoggedModelOutput(model.model_id, step=0)])  # as train
     client.create_registered_model(REGISTERED)  # the other gate, a moment after our look-up
 
-    def not_yet(name):  # what this gate saw before the other one created it
+    real, looked = client.get_registered_model, []
+
+    def not_yet(name):  # what this gate's look-up saw before the other one created it
+        if looked:  # MLflow's own later calls (a tag, an alias) see the store as it is
+            return real(name)
+        looked.append(name)
         raise MlflowException(f"Registered Model with name={name} not found",
                               error_code=RESOURCE_DOES_NOT_EXIST)
 
     monkeypatch.setattr(client, "get_registered_model", not_yet)
-    assert register(client, REGISTERED, run.info.run_id, {}) == 1
+    assert register(client, REGISTERED, run.info.run_id, {}, passed=True) == 1
     assert [v.run_id for v in client.search_model_versions(f"name='{REGISTERED}'")] == [
         run.info.run_id]
 
@@ -168,11 +179,12 @@ def test_two_queue_workers_both_finish_and_both_land_complete_in_mlflow(baseline
         assert run.info.status == "FINISHED", name
         assert run.data.params["train.learning_rate"] == str(lr)
         steps = data["metrics"]["metrics/train.json"]["data"]["steps"]
-        history = client.get_metric_history(run.info.run_id, "train_loss")
+        history = client.get_metric_history(run.info.run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(steps)), f"{name}: lost losses"
-        assert "test_accuracy" in run.data.metrics and run.data.metrics["gate_passed"] == 1
+        assert "test/accuracy" in run.data.metrics and run.data.tags["gate.passed"] == "true"
         folders = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"model", "plots", "evaluate"} <= folders, f"{name}: artifacts {folders}"
+        assert {"plots", "evaluate"} <= folders, f"{name}: artifacts {folders}"
+        assert len(run.outputs.model_outputs) == 1, f"{name}: no logged model"
     versions = client.search_model_versions(f"name='{REGISTERED}'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs.values())
 

@@ -78,7 +78,7 @@ def test_ddp_on_two_cpu_processes_scores_the_whole_validation_set_once(tmp_path,
     runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
     assert len(runs) == 1
     assert json.loads((repo / "models/run.json").read_text())["run_id"] == runs[0].info.run_id
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(steps) == list(range(metrics["steps"]))
 
     # The cluster recipe of docs/scaling.md on one machine: torchrun starts the processes (rank

@@ -81,16 +81,22 @@ def test_worst_errors_are_wrong_and_sorted_by_confidence():
 def test_flat_metrics_name_every_class():
     metrics = clf_eval.compute_metrics([0, 1], [0, 0], ["a b!", "c"])
     flat = clf_eval.flat_metrics(metrics)
-    assert flat["test_accuracy"] == 0.5
-    assert {"test_f1_a b_", "test_precision_c", "test_recall_c", "test_n"} <= set(flat)
+    assert flat["test/accuracy"] == 0.5
+    assert {"test/f1_a b_", "test/precision_c", "test/recall_c", "test/n"} <= set(flat)
     assert all(isinstance(v, float) for v in flat.values())
 
 
-def test_main_writes_metrics_plots_errors_and_logs_to_the_train_run(trained_params):
+def test_main_writes_metrics_plots_errors_and_logs_to_the_train_run(trained_params, capsys):
     from mlflow.tracking import MlflowClient
 
     paths = trained_params.paths
+    with tracking.resume_run(trained_params):  # as train leaves it: the model logged in the run
+        model_id = tracking.log_model(trained_params, paths.model, ["the lamp is great"])
+    capsys.readouterr()
     metrics = evaluate.main(trained_params)
+    phases = [line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluate:")]
+    assert phases[:2] == [f"evaluate: classification, {paths.model} on the test split",
+                          "evaluate: scoring 12 test rows"]
 
     saved = json.loads(paths.eval_metrics.read_text())
     assert saved == metrics
@@ -118,8 +124,10 @@ def test_main_writes_metrics_plots_errors_and_logs_to_the_train_run(trained_para
     client = MlflowClient(tracking_uri=trained_params.tracking.uri)
     run_id = tracking.run_id(paths.run_info)
     logged = client.get_run(run_id).data.metrics
-    assert logged["test_accuracy"] == pytest.approx(saved["accuracy"])
-    assert {"test_f1_macro", "test_loss", "test_f1_negative", "test_recall_positive"} <= set(logged)
+    assert logged["test/accuracy"] == pytest.approx(saved["accuracy"])
+    assert {"test/f1_macro", "test/loss", "test/f1_negative", "test/recall_positive"} <= set(logged)
+    on_model = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
+    assert on_model["test/accuracy"] == pytest.approx(saved["accuracy"])  # on the model's page
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluate")}
     assert artifacts == {"evaluate/eval.json", "evaluate/confusion.csv",
                          "evaluate/per_class.csv", "evaluate/misclassified.csv"}

@@ -59,10 +59,13 @@ CASES = {
     "check: a missing data.source": ({"data": {"source": "data/nope.csv"}}, None,
                                      "data.source: data/nope.csv does not exist"),
     "ingest": ({"data": {"seed": 7}}, "metrics/data.json", "injected failure"),
+    "audit": ({"audit": {"seed": 7}}, "metrics/audit.json", "injected failure"),
     "prepare": ({"prepare": {"map_batch_size": 50}}, "data/processed", "injected failure"),
     "train: refused on this machine": ({"train": {"precision": "16-mixed"}}, None,
                                        "train.precision: '16-mixed' on a CPU"),
     "train": ({"train": {"seed": 7}}, "metrics/train.json", "injected failure"),
+    "select": ({"select": {"top_n": 3}}, "reports/select", "injected failure"),
+    "align": ({"align": {"seed": 7}}, "metrics/align.json", "injected failure"),  # method none
     "evaluate": ({"evaluate": {"worst_examples": 3}}, "plots/eval", "injected failure"),
     "export": ({"export": {"latency_repeats": 2}}, "models/onnx", "injected failure"),
     "gate": ({"gate": {"floors": {"accuracy": {"min": 0.01}}}}, "metrics/gate.json",

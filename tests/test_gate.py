@@ -77,7 +77,8 @@ def test_missing_or_non_numeric_metric_is_a_failed_check_not_a_crash():
 
 
 def test_version_tags_carry_lineage_and_top_level_metrics():
-    tags = gate.version_tags({"git.commit": "abc", "data.sha256": "d", "mlflow.user": "x"}, EVAL)
+    run_tags = {"mlflow.source.git.commit": "abc", "data.sha256": "d", "mlflow.user": "x"}
+    tags = gate.version_tags(run_tags, EVAL)
     assert tags == {"git.commit": "abc", "data.sha256": "d", "test_accuracy": "0.8",
                     "test_f1_macro": "0.75", "test_f1_weighted": "0.78", "test_n": "9",
                     "test_loss": "0.6"}
@@ -95,13 +96,11 @@ def stage_params(tmp_path, **gate_section):
 
 
 def train_run(params, log_model: bool = True) -> str:
-    """What train leaves behind: a run (id in paths.run_info) holding the model folder as "model"."""
-    from mlflow import MlflowClient
-
+    """What train leaves behind: a run (id in paths.run_info) holding the model as an MLflow model."""
     run_id = tracking.start_run(params, ("gate",), "data-hash")
     if log_model:
-        MlflowClient(tracking.tracking_uri(params.tracking)).log_artifacts(
-            run_id, str(params.paths.model), "model")
+        with tracking.resume_run(params):
+            tracking.log_model(params, params.paths.model, ["the lamp is great"])
     return run_id
 
 
@@ -116,7 +115,7 @@ def stage(tmp_path, monkeypatch, tiny_model_dir):
     return params, head
 
 
-def test_passing_gate_registers_one_version_per_trained_model(stage):
+def test_passing_gate_registers_one_champion_version_per_trained_model(stage):
     from mlflow import MlflowClient
 
     params, head = stage
@@ -128,33 +127,65 @@ def test_passing_gate_registers_one_version_per_trained_model(stage):
     assert on_disk == verdict and on_disk["checks"]["per_class.negative.f1"]["value"] == 0.65
 
     v1 = client.get_model_version("tiny-clf", "1")
-    assert v1.run_id == first
+    assert v1.run_id == first and v1.aliases == ["champion"]
+    (logged,) = client.get_run(first).outputs.model_outputs
+    assert v1.source == f"models:/{logged.model_id}"  # registered from the logged model
     assert v1.tags["git.commit"] == head and v1.tags["data.sha256"] == "data-hash"
     assert v1.tags["test_accuracy"] == "0.8" and v1.tags["test_f1_macro"] == "0.75"
-    assert os.path.isfile(os.path.join(v1.source, "config.json"))  # the real folder, not runs:/
-    assert client.get_run(first).data.metrics["gate_passed"] == 1
+    assert v1.tags["gate.passed"] == "true"
+    assert client.get_run(first).data.tags["gate.passed"] == "true"
 
     assert gate.main(params)["registered_version"] == 1  # same model gated again: no duplicate
-    second = train_run(params)  # a new training run is a new version
+    second = train_run(params)  # a new training run is a new version, and the champion
     assert gate.main(params)["registered_version"] == 2
-    assert client.get_model_version("tiny-clf", "2").run_id == second
+    assert client.get_model_version_by_alias("tiny-clf", "champion").run_id == second
+    assert client.get_model_version("tiny-clf", "1").aliases == []
     assert len(client.search_model_versions("name='tiny-clf'")) == 2
 
 
-def test_failed_floor_writes_the_verdict_then_stops_and_registers_nothing(stage):
+def test_failed_floor_writes_the_verdict_registers_a_candidate_then_stops(stage):
     from mlflow import MlflowClient
 
     params, _ = stage
+    client = MlflowClient(params.tracking.uri)
+    champion = train_run(params)
+    gate.main(params)
     run_id = train_run(params)
     write_json(params.paths.eval_metrics, {**EVAL, "accuracy": 0.41})
-    with pytest.raises(UserError, match=r"accuracy = 0.41, below min 0.6"):
+    with pytest.raises(UserError, match=r"accuracy = 0.41, below min 0.6(.|\n)*v2 @candidate"):
         gate.main(params)
     on_disk = json.loads(params.paths.gate.read_text())
     assert on_disk["passed"] is False and on_disk["failed"] == 1
-    assert on_disk["registered_version"] is None
-    client = MlflowClient(params.tracking.uri)
-    assert client.search_registered_models() == []
-    assert client.get_run(run_id).data.metrics["gate_passed"] == 0
+    assert on_disk["registered_version"] == 2
+    assert client.get_model_version_by_alias("tiny-clf", "candidate").run_id == run_id
+    assert client.get_model_version_by_alias("tiny-clf", "champion").run_id == champion  # kept
+    assert client.get_model_version("tiny-clf", "2").tags["gate.passed"] == "false"
+    assert client.get_run(run_id).data.tags["gate.passed"] == "false"
+
+    write_json(params.paths.eval_metrics, EVAL)  # the same model passes now: champion, no candidate
+    assert gate.main(params)["registered_version"] == 2
+    assert client.get_model_version("tiny-clf", "2").aliases == ["champion"]
+
+
+def test_the_champion_loads_and_predicts_in_a_fresh_python(stage, tmp_path):
+    params, _ = stage
+    train_run(params)
+    gate.main(params)
+    script = (
+        "import sys, mlflow, pandas as pd\n"
+        "model = mlflow.pyfunc.load_model('models:/tiny-clf@champion')\n"
+        "out = model.predict(pd.DataFrame({'text': ['the lamp is great', 'awful and broke']}))\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('lmforge', 'stages')]\n"
+        "print(out.to_json(orient='records'))\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking.uri}
+    done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2 and {r["label"] for r in rows} <= {"negative", "neutral", "positive"}
+    assert all(0 < r["score"] <= 1 for r in rows)
 
 
 def test_registry_off_and_model_not_logged(stage, tmp_path):
@@ -165,7 +196,7 @@ def test_registry_off_and_model_not_logged(stage, tmp_path):
     train_run(off, log_model=False)
     assert gate.main(off)["registered_version"] is None
     assert MlflowClient(params.tracking.uri).search_registered_models() == []
-    with pytest.raises(UserError, match="no model artifacts"):  # registry on, nothing to register
+    with pytest.raises(UserError, match="no logged model"):  # registry on, nothing to register
         gate.main(params)
 
 
@@ -195,7 +226,7 @@ def test_registers_through_a_tracking_server(stage, tmp_path, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         run_id = train_run(params)
         assert gate.main(params)["registered_version"] == 1  # an int, though the server sends "1"
-        version = MlflowClient(uri).get_model_version("tiny-clf", "1")
-        assert version.run_id == run_id and version.source.startswith("mlflow-artifacts:/")
+        version = MlflowClient(uri).get_model_version_by_alias("tiny-clf", "champion")
+        assert version.run_id == run_id and version.source.startswith("models:/")
     finally:
         stop_process_group(server, timeout_s=30)  # the server and the workers it started

@@ -219,7 +219,8 @@ def test_hostile_body_is_a_4xx_not_a_500(server, body, content_type):
 
 def test_openapi_page_has_a_working_example_for_every_endpoint(server):
     url, _ = server
-    assert_every_example_works(url, {"/generate", "/generate_stream", "/metadata"}, timeout_s=60)
+    assert_every_example_works(url, {"/generate", "/generate_stream", "/metadata",
+                                     "/v1/chat/completions", "/v1/completions"}, timeout_s=60)
 
 
 def test_oversized_body_is_refused_before_it_is_read(server):

@@ -55,7 +55,7 @@ def finished(tmp_path_factory, tiny_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # start_run exports it; undone on exit
         run_id = tracking.start_run(params, tasks.MODEL_SECTIONS, DATA_SHA)
-        MlflowClient(params.tracking.uri).log_metric(run_id, "test_accuracy", 0.875)
+        MlflowClient(params.tracking.uri).log_metric(run_id, "test/accuracy", 0.875)
         mp.chdir(REPO)  # the Bento's build context
         with bentoml_home(root / "bentoml"):
             package.main(params)
@@ -160,7 +160,7 @@ def test_causal_lm_workspace_matches_its_packaged_model(tmp_path, monkeypatch, c
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         run_id = tracking.start_run(params, tasks.MODEL_SECTIONS, DATA_SHA)
-    MlflowClient(params.tracking.uri).log_metric(run_id, "test_perplexity", 123.456)
+    MlflowClient(params.tracking.uri).log_metric(run_id, "test/perplexity", 123.456)
     monkeypatch.chdir(REPO)  # the Bento's build context
     with bentoml_home(tmp_path / "bentoml"):
         package.main(params)

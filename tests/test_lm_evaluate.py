@@ -169,7 +169,7 @@ def test_main_on_pairs_writes_metrics_generations_and_logs_to_the_run(lm_run, to
     saved = json.loads(params.paths.eval_metrics.read_text())
     assert saved == metrics
     assert list(saved) == ["perplexity", "perplexity_start", "loss", "tokens", "n",
-                           "bleu", "rouge1", "rouge2", "rougeL", "generated"]
+                           "bleu", "rouge1", "rouge2", "rougeL", "exact_match", "generated"]
     assert all(math.isfinite(v) for v in saved.values())
     assert saved["n"] == 12 and saved["generated"] == 5
     assert saved["perplexity"] == pytest.approx(math.exp(saved["loss"]), rel=1e-5)
@@ -191,8 +191,8 @@ def test_main_on_pairs_writes_metrics_generations_and_logs_to_the_run(lm_run, to
     client = MlflowClient(tracking_uri=params.tracking.uri)
     run_id = tracking.run_id(params.paths.run_info)
     logged = client.get_run(run_id).data.metrics
-    assert logged["test_perplexity"] == pytest.approx(saved["perplexity"])
-    assert {"test_perplexity_start", "test_bleu", "test_rougeL", "test_tokens"} <= set(logged)
+    assert logged["test/perplexity"] == pytest.approx(saved["perplexity"])
+    assert {"test/perplexity_start", "test/bleu", "test/rougeL", "test/tokens"} <= set(logged)
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluate")}
     assert artifacts == {"evaluate/eval.json", "evaluate/perplexity.csv", "evaluate/generations.csv"}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -259,6 +260,13 @@ def test_train_from_scratch_writes_a_causal_lm_and_its_metrics(tmp_path, monkeyp
     run = mlflow.MlflowClient(params.tracking.uri).get_run(json.loads(p.run_info.read_text())["run_id"])
     assert run.data.params["task"] == "causal_lm"
     assert run.data.params["model.scratch.hidden"] == "32"
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"train", "validation", "test"}
+    # The logged MLflow model continues a prompt (plain text: no template around it).
+    (output,) = run.outputs.model_outputs
+    logged = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    assert logged.metadata.get_input_schema().input_names() == ["prompt"]
+    out = logged.predict(pd.DataFrame({"prompt": ["the lamp", ""]}), params={"max_new_tokens": 80})
+    assert list(out.columns) == ["text"] and out["text"].map(type).eq(str).all()  # 80 > context: cut
 
 
 def test_lora_train_on_pairs_saves_the_merged_model(tmp_path, monkeypatch, tokenizer, texts,

@@ -74,7 +74,7 @@ def test_pretraining_from_scratch_on_plain_text(tmp_path):
 
     run = mlflow_run(repo)
     assert run.data.params["task"] == "causal_lm"
-    assert run.data.metrics["test_perplexity"] == pytest.approx(ev["perplexity"])
+    assert run.data.metrics["test/perplexity"] == pytest.approx(ev["perplexity"])
     info = json.loads((repo / "models/bento.json").read_text())
     assert info["mlflow_run_id"] == run.info.run_id
     assert dvc(repo, "status").stdout.strip() == "Data and pipelines are up to date."

@@ -91,13 +91,14 @@ def test_full_repro_trains_evaluates_tracks_and_packages(tmp_path, tiny_model_di
     run_data, run_id = runs[0].data, runs[0].info.run_id
     assert json.loads((repo / "models/run.json").read_text())["run_id"] == run_id
     assert run_data.params["train.learning_rate"] == "0.001"
-    assert run_data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
-    assert len(client.get_metric_history(run_id, "train_loss")) >= 4  # per step, not per run
+    assert run_data.metrics["test/accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert len(client.get_metric_history(run_id, "train/loss")) >= 4  # per step, not per run
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
     manifest = json.loads((repo / "metrics/data.json").read_text())
-    assert run_data.tags["git.commit"] == head.stdout.strip()
+    assert run_data.tags["mlflow.source.git.commit"] == head.stdout.strip()
     assert run_data.tags["data.sha256"] == manifest["source_sha256"]
-    assert run_data.tags["git.branch"] and run_data.tags["git.dirty"] == "true"  # params edited
+    # Clean: only params.yaml (recorded in the run) and the pipeline's own outputs differ.
+    assert run_data.tags["mlflow.source.git.branch"] and run_data.tags["git.dirty"] == "false"
 
     # The Bento exists in the store, and traces back to the run.
     info = json.loads((repo / "models/bento.json").read_text())

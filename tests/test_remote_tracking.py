@@ -78,16 +78,19 @@ def test_train_evaluate_and_gate_log_to_the_server_only(prepared_params, remote,
     assert run.info.status == "FINISHED"
     assert run.data.params["train.learning_rate"] == "0.001"
     assert run.data.params["model.source"] == params.model.source
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 4  # 2 epochs x 2 steps
-    assert run.data.metrics["test_accuracy"] == pytest.approx(scores["accuracy"])
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 4  # 2 epochs x 2 steps
+    assert run.data.metrics["test/accuracy"] == pytest.approx(scores["accuracy"])
     assert run.data.tags["data.sha256"] == DATA_SHA
-    assert run.data.tags["git.commit"] == head and run.data.tags["git.dirty"] == "false"
+    assert run.data.tags["mlflow.source.git.commit"] == head and run.data.tags["git.dirty"] == "false"
 
     # Artifacts went through the server's proxy into its own folder.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     listed = {top: {Path(f.path).name for f in client.list_artifacts(run.info.run_id, top)}
-              for top in ("model", "plots", "evaluate")}
-    assert {"config.json", "model.safetensors", "labels.json"} <= listed["model"]
+              for top in ("plots", "evaluate")}
+    (output,) = run.outputs.model_outputs  # the MLflow model, its folder among its artifacts
+    model_files = {Path(f.path).name for f in client.list_logged_model_artifacts(
+        output.model_id, "artifacts/model")}
+    assert {"config.json", "model.safetensors", "labels.json"} <= model_files
     assert {"loss.csv", "val.csv"} <= listed["plots"]
     assert {"eval.json", "confusion.csv", "per_class.csv", "misclassified.csv"} <= listed["evaluate"]
     stored = {p.name for p in (server_root / "artifacts").rglob("*") if p.is_file()}
@@ -99,8 +102,8 @@ def test_train_evaluate_and_gate_log_to_the_server_only(prepared_params, remote,
     verdict = gate.main(gated)
     version = client.get_model_version(params.gate.registered_model,
                                        str(verdict["registered_version"]))
-    assert version.run_id == run.info.run_id
-    assert version.source.startswith("mlflow-artifacts:")
+    assert version.run_id == run.info.run_id and version.aliases == ["champion"]
+    assert version.source == f"models:/{output.model_id}"
     assert version.tags["data.sha256"] == DATA_SHA and "test_accuracy" in version.tags
 
     # `lmforge lineage` reads the run back from the server that run.json names.

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 
+import pandas as pd
 import pytest
 import torch
 
 from lmforge.classification import model as clf_model
-from lmforge.common import UserError
+from lmforge.common import UserError, write_json
 from lmforge.params import Params, Train
 from lmforge.training import hardware, lit, resume
 from stages import train
@@ -224,6 +225,7 @@ def test_training_changes_weights_and_writes_every_output(prepared_params):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     p = prepared_params.paths
+    write_json(p.manifest, {"source_sha256": "ab" * 32})  # ingest's: the datasets' digest
     labels = json.loads((p.processed / "labels.json").read_text())
     torch.manual_seed(prepared_params.train.seed)  # main() seeds the same way before loading
     before = clf_model.load_pretrained(prepared_params.model.source, labels).state_dict()
@@ -259,12 +261,50 @@ def test_training_changes_weights_and_writes_every_output(prepared_params):
     client = mlflow.MlflowClient(prepared_params.tracking.uri)
     run = client.get_run(run_id)
     assert run.data.params["train.learning_rate"] == "0.001"
-    assert {"git.commit", "data.sha256"} <= set(run.data.tags)
-    history = client.get_metric_history(run_id, "train_loss")
+    tags = run.data.tags
+    assert {"mlflow.source.git.commit", "git.dirty", "data.sha256"} <= set(tags)
+    assert not {"git.commit", "git.branch"} & set(tags)  # MLflow's source tags, not a second set
+    history = client.get_metric_history(run_id, "train/loss")
     assert [m.step for m in history] == [0, 1, 2, 3]  # log_every_n_steps=1: every step
+    assert {"val/loss", "val/accuracy", "val/f1_macro", "train/epoch"} <= set(run.data.metrics)
+    # The summary: the saved model's scores as metrics, how the run went as tags.
+    assert run.data.metrics["val/best_accuracy"] == pytest.approx(saved["best_val_accuracy"])
+    assert tags["train.epochs"] == "2" and tags["train.steps"] == "4"
+    assert not {"epochs", "steps", "wall_s", "train_loss"} & set(run.data.metrics)
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the logger made no second run
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"model", "plots"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id)} == {"plots"}
+
+    # The splits are the run's datasets; the model is an MLflow model logged into the run.
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation", "test"}
+    assert {d.dataset.digest for d in inputs.values()} == {("ab" * 32)[:36]}
+    assert json.loads(inputs["train"].dataset.source) == {"uri": prepared_params.data.source}
+    assert json.loads(inputs["test"].dataset.profile)["num_rows"] == 12
+    (output,) = run.outputs.model_outputs
+    info = mlflow.models.get_model_info(f"models:/{output.model_id}")
+    assert info.signature.inputs.input_names() == ["text"]
+    assert info.signature.outputs.input_names() == ["label", "score"]
+    assert info.saved_input_example_info is not None
+    texts = ["the lamp is great and excellent", "awful and broke"]
+    predicted = mlflow.pyfunc.load_model(f"models:/{output.model_id}").predict(
+        pd.DataFrame({"text": texts}))
+    assert list(predicted.columns) == ["label", "score"] and len(predicted) == 2
+    assert set(predicted["label"]) <= {"negative", "neutral", "positive"}
+    assert ((predicted["score"] > 1 / 3) & (predicted["score"] <= 1)).all()
+
+
+def test_a_log_file_shows_a_line_per_step_and_per_epoch(prepared_params, capsys):
+    import sys
+
+    assert not sys.stdout.isatty()  # captured, as in a log file: Progress, not a progress bar
+    train.main(_with_train(prepared_params, progress_every_n_steps=1))
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("train: epoch")]
+    steps = [line for line in lines if ", loss " in line]
+    epochs = [line for line in lines if "epoch done" in line]
+    assert [line.split(", ")[1] for line in steps] == [f"step {i}/4" for i in (1, 2, 3, 4)]
+    assert len(epochs) == 2 and epochs[0].startswith("train: epoch 1/2, step 2/4, epoch done")
+    assert "val_accuracy" in epochs[1] and epochs[1].endswith(" s")
 
 
 def test_resume_continues_from_last_checkpoint_and_params_change_clears(prepared_params, capsys):
@@ -283,7 +323,7 @@ def test_resume_continues_from_last_checkpoint_and_params_change_clears(prepared
     assert [int(r["step"]) for r in _csv(p.train_plots / "loss.csv")] == [0, 1, 2, 3]
     run_id = json.loads(p.run_info.read_text())["run_id"]
     steps = [m.step for m in mlflow.MlflowClient(prepared_params.tracking.uri)
-             .get_metric_history(run_id, "train_loss")]
+             .get_metric_history(run_id, "train/loss")]
     assert steps == [2, 3]  # the second run trained only the new steps
 
     changed = train.main(_with_train(prepared_params, max_epochs=2, learning_rate=5e-4))

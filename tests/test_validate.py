@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -13,6 +14,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from lmforge.common import UserError, run_main  # noqa: E402
+from lmforge.data.summary import write_summary  # noqa: E402
 from lmforge.params import parse_params  # noqa: E402
 from stages.validate import main, run_suite  # noqa: E402
 from tests.conftest import make_rows  # noqa: E402
@@ -211,14 +213,37 @@ def test_main_writes_metrics_and_docs_then_fails_with_a_summary(interim, tmp_pat
     assert err.startswith("error: validation failed: 1 of")
     assert "test/no_leakage_from_train: 2 unexpected" in err
     assert repr(frames["train"]["text"].iloc[3]) in err
-    assert "reports/validation/index.html" in err
+    assert "full report: reports/validation/summary.html" in err  # the page readable offline
     metrics = json.loads((tmp_path / "metrics/validation.json").read_text())
     assert metrics["success"] is False and metrics["checks_failed"] == 1
     assert metrics["checks"]["test/no_leakage_from_train"] == 2
     assert metrics["checks"]["train/text_not_null"] == 0
     assert (tmp_path / "reports/validation/index.html").exists()
+    page = (tmp_path / "reports/validation/summary.html").read_text()
+    assert "Validation FAILED: 1 of" in page and "<script" not in page and "<link" not in page
     assert not stale.exists()
     assert list((tmp_path / "reports/validation/validations").rglob("*.html"))
+
+
+def test_summary_page_marks_each_check_and_names_the_class(tmp_path):
+    """reports/validation/summary.html: every check by its terminal name, failed ones first and
+    marked, the class of a class-balance failure, the bounds, examples escaped."""
+    frames = clean_frames()
+    _thin_neutral(frames)
+    frames["train"].loc[frames["train"].index[3], "text"] = "<b>bold</b> & sturdy"
+    _leak(frames)
+    report = run_suite(frames, params())
+    html = write_summary(report, tmp_path).read_text()
+
+    rows = re.findall(r'<tr class="(passed|failed)"><td><code>([^<]+)</code>', html)
+    assert {name for _, name in rows} == set(report["checks"])
+    assert rows[:2] == [("failed", "test/no_leakage_from_train"), ("failed", "train/min_rows_per_class")]
+    assert all(verdict == "passed" for verdict, _ in rows[2:])
+    assert html.count('<span class="verdict">FAILED</span>') == 2
+    assert "Validation FAILED: 2 of" in html and "Labels: negative, neutral, positive." in html
+    assert "&#x27;neutral: rows=3&#x27;" in html and "min_value=5" in html  # the class, the floor
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; sturdy" in html and "<b>bold" not in html
+    assert not re.search(r"<(script|link|img)\b", html)  # nothing to load: reads the same offline
 
 
 def test_main_passes_on_clean_splits(interim, tmp_path, capsys):

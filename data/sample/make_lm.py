@@ -6,6 +6,9 @@ Both are composed here from small hand-written word lists; nothing is copied fro
   object), separated by blank lines: the shape of a pretraining corpus, in miniature.
 - ``pairs.csv``: instructions with one right answer, so BLEU/ROUGE measure learning: "Reverse the
   words: ..." (the words in reverse order) and "Uppercase: ..." (the same words in capitals).
+- ``preferences.csv``: the same prompts as preference rows (prompt, chosen, rejected) for stage
+  align's DPO: chosen is the right answer, rejected a plausible wrong one (words not reversed, one
+  word wrong, wrong case), drawn with its own seed so pairs.csv stays as it was.
 
 Regenerate (deterministic: same seed, byte-identical files):
 
@@ -52,6 +55,21 @@ def pair(rng: random.Random) -> tuple[str, str]:
     return f"Uppercase: {' '.join(words)}", " ".join(words).upper()
 
 
+def rejected(prompt: str, answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer: the words left in order / in the wrong case, or one word wrong."""
+    words = prompt.split(": ", 1)[1].split()
+    if rng.random() < 0.5:  # the instruction not followed
+        wrong = " ".join(words) if prompt.startswith("Reverse") else rng.choice(
+            [" ".join(words), " ".join(words).title()])
+        if wrong != answer:
+            return wrong
+    out = answer.split()
+    i = rng.randrange(len(out))
+    other = rng.choice([w for w in WORDS if w not in words])
+    out[i] = other.upper() if out[i].isupper() else other
+    return " ".join(out)
+
+
 def main() -> None:
     rng = random.Random(SEED)
     docs = [story(rng) for _ in range(DOCUMENTS)]
@@ -64,6 +82,10 @@ def main() -> None:
             rows.append((p, r))
     with (HERE / "pairs.csv").open("w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("prompt", "response"), *rows])
+    wrong = random.Random(SEED + 1)
+    with (HERE / "preferences.csv").open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("prompt", "chosen", "rejected"),
+                                 *((p, r, rejected(p, r, wrong)) for p, r in rows)])
 
 
 if __name__ == "__main__":

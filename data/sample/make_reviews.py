@@ -7,7 +7,10 @@ mixed-sentiment reviews, ~5% flipped labels, ~1% exact duplicate rows, typos, ca
 punctuation variants, irregular whitespace and a few non-NFKC characters (full-width letters,
 ligatures) that ingest's cleaning step normalizes or drops.
 
-Regenerate (deterministic: same seed, byte-identical file):
+The flipped rows are written beside the sample, to ``reviews_flips.csv`` (text, given label, true
+label): the answer key the label audit (stage audit) is measured against.
+
+Regenerate (deterministic: same seed, byte-identical files):
 
     python data/sample/make_reviews.py
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 
 SEED = 20240607
 OUT = Path(__file__).with_name("reviews.csv")
+FLIPS = Path(__file__).with_name("reviews_flips.csv")  # which rows NOISE flipped
 COUNTS = {"positive": 640, "negative": 560, "neutral": 400}  # ~40/35/25 before noise
 NOISE, DUPLICATES = 0.05, 0.01
 MAX_CHARS = 260  # keeps every review well under prepare.max_length tokens
@@ -193,7 +197,8 @@ def key(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
 
 
-def generate(seed: int = SEED) -> list[tuple[str, str]]:
+def generate(seed: int = SEED) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """The rows (text, label), shuffled, and the flipped ones as (text, given label, true label)."""
     rng = random.Random(seed)
     seen, rows = set(), []  # seen is only tested, never iterated: hash order cannot leak in
     for label, count in COUNTS.items():
@@ -202,22 +207,31 @@ def generate(seed: int = SEED) -> list[tuple[str, str]]:
             if len(text) <= MAX_CHARS and key(text) not in seen:  # distinct: no split leakage
                 seen.add(key(text))
                 rows.append((text, label))
-    labels = list(COUNTS)
+    labels, truth = list(COUNTS), {}
     for i in rng.sample(range(len(rows)), round(NOISE * len(rows))):  # flipped labels
         text, label = rows[i]
         rows[i] = (text, rng.choice([x for x in labels if x != label]))
+        truth[text] = label  # texts are distinct: the text names the row
     rows += rng.sample(rows, round(DUPLICATES * len(rows)))  # exact (text, label) repeats
     rng.shuffle(rows)
-    return rows
+    flips = [(text, label, truth[text]) for text, label in rows if text in truth]
+    return rows, flips
+
+
+def write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def main() -> None:
-    rows = generate()
-    with OUT.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-    print(f"wrote {len(rows)} rows to {OUT}")
+    rows, flips = generate()
+    write_csv(OUT, ["text", "label"], rows)
+    # The answer key of the label noise, in the sample's row order (a duplicated row appears twice):
+    # what the label audit's precision and recall are measured against.
+    write_csv(FLIPS, ["text", "label", "true_label"], flips)
+    print(f"wrote {len(rows)} rows to {OUT}, {len(flips)} flipped ones to {FLIPS}")
 
 
 if __name__ == "__main__":

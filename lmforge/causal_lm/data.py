@@ -8,18 +8,23 @@ and the service rely on:
   document (plain text) or a response (pairs);
 - plain text: documents + EOS are concatenated per split and cut into ``prepare.block_size`` blocks,
   labels == input_ids;
-- pairs: ids(template with the prompt) + ids(response) + [EOS], labels -100 on the prompt part.
+- pairs: ids(template with the prompt) + ids(response) + [EOS], labels -100 on the prompt part;
+- conversations (``data.chat``): each rendered with the tokenizer's chat template, labels on the
+  assistant messages only (lmforge/causal_lm/chat.py).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 
 import pandas as pd
 
 from bento.prompts import format_prompt
+from lmforge.causal_lm import chat
 from lmforge.common import IGNORE, UserError
+from lmforge.data.messages import as_list
 from lmforge.models import load_tokenizer, resolve_model_source
 from lmforge.params import SCRATCH, Params
 from lmforge.tasks import CAUSAL_LM
@@ -57,11 +62,13 @@ def encode_pair(
     return prompt + target, [IGNORE] * len(prompt) + target, truncated
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int):
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,
+              specials: Sequence[str] = ()):
     """A byte-level BPE (GPT-2 style) trained on texts, as a transformers fast tokenizer.
 
-    Specials: EOS (also BOS) and PAD, ids 0 and 1. The same texts give the same vocabulary: merges
-    with equal counts are ordered by token id, and the byte alphabet is fixed.
+    Specials: EOS (also BOS) and PAD, ids 0 and 1, then ``specials`` (conversations: the chat
+    template's IM_START). The same texts give the same vocabulary: merges with equal counts are
+    ordered by token id, and the byte alphabet is fixed.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -70,7 +77,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD],
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD, *specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
@@ -112,12 +119,21 @@ def training_texts(train: pd.DataFrame, params: Params) -> Iterator[str]:
 
 
 def lm_tokenizer(params: Params, train: pd.DataFrame):
-    """model.source 'scratch': a BPE trained on the train split; else the pretrained tokenizer."""
-    model = params.model
+    """model.source 'scratch': a BPE trained on the train split; else the pretrained tokenizer.
+    Conversations: with a chat template (the tokenizer's, else the default one)."""
+    model, conversations = params.model, params.data.chat is not None
     if model.source != SCRATCH:
-        return pretrained_tokenizer(model.source, model.trust_remote_code)
-    cfg = model.scratch
-    return train_bpe(training_texts(train, params), cfg.vocab_size, cfg.min_frequency)
+        tokenizer = pretrained_tokenizer(model.source, model.trust_remote_code)
+    elif conversations:
+        texts = chat.training_texts(as_list(m) for m in train["messages"])
+        cfg = model.scratch
+        tokenizer = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, specials=(chat.IM_START,))
+    else:
+        cfg = model.scratch
+        return train_bpe(training_texts(train, params), cfg.vocab_size, cfg.min_frequency)
+    if conversations:
+        chat.ensure_template(tokenizer)
+    return tokenizer
 
 
 def encode_texts(tokenizer, texts: Sequence[str], batch_size: int) -> list[list[int]]:
@@ -169,9 +185,37 @@ def pairs_split(df: pd.DataFrame, tokenizer, params: Params) -> tuple[object, di
     return to_dataset(cols), stats
 
 
+def chat_split(df: pd.DataFrame, tokenizer, params: Params, split: str) -> tuple[object, dict]:
+    """Conversations: a Dataset of rendered rows with labels on the assistant tokens, each with its
+    prompt (JSON of the messages before the last assistant message) and response (that message)
+    for evaluate; and its stats."""
+    prep = params.prepare
+    cols: dict[str, list] = {"input_ids": [], "labels": [], "prompt": [], "response": []}
+    truncated = turns_dropped = 0
+    for i, messages in enumerate(df["messages"]):
+        encoded = chat.fit_conversation(
+            tokenizer, as_list(messages), prep.max_length, prep.chat_loss == "last_turn",
+            prep.chat_overflow == "refuse", f"{split} conversation {i}")
+        if encoded is None:
+            continue
+        prompt, response = chat.prompt_and_reference(encoded.messages)
+        for key, value in zip(cols, (encoded.input_ids, encoded.labels,
+                                     json.dumps(prompt, ensure_ascii=False), response), strict=True):
+            cols[key].append(value)
+        truncated += encoded.turns_dropped > 0
+        turns_dropped += encoded.turns_dropped
+    rows = len(cols["input_ids"])
+    stats = {"texts": len(df), "rows": rows, "tokens": sum(map(len, cols["input_ids"])),
+             "assistant_tokens": sum(sum(x != IGNORE for x in row) for row in cols["labels"]),
+             "truncated": truncated, "turns_dropped": turns_dropped, "dropped": len(df) - rows}
+    return to_dataset(cols), stats
+
+
 def encode_split(df: pd.DataFrame, tokenizer, params: Params, split: str) -> tuple[object, dict]:
     """One interim split as training rows; a split that loses every row is an error."""
-    if params.data.pairs:
+    if params.data.chat is not None:
+        ds, stats = chat_split(df, tokenizer, params, split)
+    elif params.data.pairs:
         ds, stats = pairs_split(df, tokenizer, params)
     else:
         ds, stats = packed_split(list(df[params.data.text_column].astype(str)), tokenizer, params)
@@ -185,10 +229,11 @@ def encode_split(df: pd.DataFrame, tokenizer, params: Params, split: str) -> tup
 
 def lm_info(params: Params, tokenizer) -> dict:
     """lm.json: how the data was encoded, for train, evaluate and the service."""
-    pairs = params.data.pairs
+    pairs, conversations = params.data.pairs, params.data.chat is not None
     return {
         "task": CAUSAL_LM,
-        "format": "pairs" if pairs else "text",
+        "format": "chat" if conversations else "pairs" if pairs else "text",
+        **({"chat_loss": params.prepare.chat_loss} if conversations else {}),
         "template": params.prepare.template if pairs else None,
         "block_size": params.prepare.block_size,
         "max_length": params.prepare.max_length,

@@ -3,13 +3,15 @@ evaluate), and the scorer stage export runs on the same rows for PyTorch and ONN
 
 Reads the trained model, its tokenizer and ``lm.json`` from ``paths.model`` and the test split from
 ``paths.processed/datasets``. Writes ``paths.eval_metrics`` (perplexity, perplexity_start, loss,
-tokens, n; pairs add bleu, rouge1, rouge2, rougeL, generated), ``paths.eval_plots/perplexity.csv``
+tokens, n; pairs and conversations add bleu, rouge1, rouge2, rougeL, exact_match, generated; a
+conversation is scored on its last assistant message), ``paths.eval_plots/perplexity.csv``
 (start vs trained) and ``paths.eval_reports/generations.csv`` (prompt, reference, generated), and
-adds the test_* metrics and these files to train's MLflow run.
+adds the test/* metrics and these files to train's MLflow run.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 
 from bento.prompts import format_prompt
 from lmforge import tracking
+from lmforge.causal_lm import chat
 from lmforge.causal_lm import model as lm
 from lmforge.common import UserError, read_json, rounded, write_json
 from lmforge.metrics import load_metric
@@ -161,6 +164,16 @@ def pair_examples(rows: list[dict], template: str, tokenizer, room: int) -> pd.D
                          "ids": [x[-room:] for x in ids]})
 
 
+def chat_examples(rows: list[dict], tokenizer, room: int) -> pd.DataFrame:
+    """Conversations: the messages before the last assistant message, rendered with the chat
+    template and a generation prompt (cut from the left to ``room``), and that message."""
+    texts = [chat.render(tokenizer, json.loads(r["prompt"]), add_generation_prompt=True) for r in rows]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return pd.DataFrame({"prompt": [r["prompt"] for r in rows],
+                         "reference": [r["response"] for r in rows],
+                         "ids": [x[-room:] for x in ids]})
+
+
 def text_examples(rows: list[dict], prefix_tokens: int, tokenizer, room: int,
                   limit: int | None) -> pd.DataFrame:
     """The first ``limit`` blocks longer than the prefix: their first ``prefix_tokens`` tokens (at
@@ -176,10 +189,12 @@ def text_examples(rows: list[dict], prefix_tokens: int, tokenizer, room: int,
 
 
 def text_scores(generated: list[str], references: list[str]) -> dict:
-    """Corpus BLEU (0-100) and mean ROUGE-1/2/L F1 (0-1) of generations against references."""
+    """Corpus BLEU (0-100), mean ROUGE-1/2/L F1 (0-1) and exact match (the share of generations
+    equal to their reference, surrounding whitespace aside) against the references."""
     bleu = load_metric("bleu").compute(predictions=generated, references=references)["score"]
     rouge = load_metric("rouge").compute(predictions=generated, references=references)
-    return {"bleu": bleu, **rouge, "generated": len(generated)}
+    exact = float(np.mean([g.strip() == r.strip() for g, r in zip(generated, references, strict=True)]))
+    return {"bleu": bleu, **rouge, "exact_match": exact, "generated": len(generated)}
 
 
 def perplexities(trained: tuple, start: tuple, n: int) -> dict:
@@ -223,28 +238,39 @@ def write_outputs(params: Params, metrics: dict, examples: pd.DataFrame) -> list
             paths.eval_reports / GENERATIONS_CSV]
 
 
+def say(what: str) -> None:
+    """A phase line, flushed: a log file (DVC, CI, a queue worker) shows where evaluate is."""
+    print(f"evaluate: {what}", flush=True)
+
+
 def evaluate(params: Params) -> dict:
     """Score the trained causal LM on the test split; write and log the results."""
     cfg = params.evaluate
     model, tokenizer, meta = load_trained(params.paths.model)
-    pairs = meta["format"] == "pairs"
+    pairs = meta["format"] in ("pairs", "chat")  # rows with a response to generate
     rows = load_test_rows(params.paths.processed, pairs)
+    say(f"perplexity of the trained model on {len(rows)} test rows")
     trained = sequence_nll(model, rows, cfg.batch_size, tokenizer.pad_token_id)
 
     room = prompt_room(model, cfg.generation)
-    examples = (pair_examples(rows[: cfg.max_generations], meta["template"], tokenizer, room)
-                if pairs else
-                text_examples(rows, cfg.prefix_tokens, tokenizer, room, cfg.max_generations))
+    if meta["format"] == "chat":
+        examples = chat_examples(rows[: cfg.max_generations], tokenizer, room)
+    elif pairs:
+        examples = pair_examples(rows[: cfg.max_generations], meta["template"], tokenizer, room)
+    else:
+        examples = text_examples(rows, cfg.prefix_tokens, tokenizer, room, cfg.max_generations)
+    say(f"generating {len(examples)} continuations")
     examples["generated"] = generate(model, tokenizer, examples["ids"].tolist(),
                                      cfg.generation, cfg.batch_size) if len(examples) else []
     del model  # before the starting model is built: never two models in (GPU) memory at once
 
+    say("perplexity of the starting model")
     metrics = perplexities(trained, start_nll(params, tokenizer, rows), len(rows))
     if pairs:
         metrics |= text_scores(examples["generated"].tolist(), examples["reference"].tolist())
     metrics = rounded(metrics)
     files = write_outputs(params, metrics, examples)
-    tracking.log_to_run(params, {f"test_{k}": float(v) for k, v in metrics.items()}, files)
+    tracking.log_to_run(params, {f"test/{k}": float(v) for k, v in metrics.items()}, files)
     print(f"evaluate: perplexity {metrics['perplexity']} (start {metrics['perplexity_start']}), "
-          f"{len(examples)} generations")
+          f"{len(examples)} generations", flush=True)
     return metrics

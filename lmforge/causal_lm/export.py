@@ -23,7 +23,7 @@ class ExportScorer:
     def __init__(self, params: Params) -> None:
         model, self.tokenizer, meta = load_trained(params.paths.model)
         self.model = model.cpu()
-        self.rows = load_test_rows(params.paths.processed, meta["format"] == "pairs")
+        self.rows = load_test_rows(params.paths.processed, meta["format"] != "text")
         self.inputs = ["input_ids", "attention_mask"]
         self.batch_size = params.export.batch_size
         self.manifest = {}

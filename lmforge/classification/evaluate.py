@@ -4,7 +4,7 @@ the scorer stage export runs on the same rows for PyTorch and ONNX alike.
 ``evaluate`` writes ``paths.eval_metrics`` (accuracy, F1, loss, per-class table),
 ``paths.eval_plots`` (``confusion.csv``: one actual,predicted row per test example;
 ``per_class.csv``) and ``paths.eval_reports/misclassified.csv`` (the misclassified rows the model
-was surest about), and adds the test_* metrics and these files to train's MLflow run. Metrics come
+was surest about), and adds the test/* metrics and these files to train's MLflow run. Metrics come
 from our local `evaluate` modules (lmforge/metrics), so nothing is fetched from the hub.
 """
 
@@ -141,8 +141,9 @@ def plot_tables(preds, refs, metrics: dict, labels: list[str]) -> dict[str, pd.D
     return {CONFUSION: confusion, PER_CLASS: per_class}
 
 
-def flat_metrics(metrics: dict, prefix: str = "test_") -> dict[str, float]:
-    """MLflow metrics are flat: test_accuracy, test_f1_<label>, ... (label made key-safe)."""
+def flat_metrics(metrics: dict, prefix: str = "test/") -> dict[str, float]:
+    """MLflow metrics are flat: test/accuracy, test/f1_<label>, ... (label made key-safe), grouped
+    under test/ in the MLflow UI."""
     flat = {f"{prefix}{k}": float(v) for k, v in metrics.items() if k != "per_class"}
     for label, row in metrics["per_class"].items():
         safe = re.sub(r"[^\w\-. ]", "_", label)  # MLflow keys: no "/" (read as a path), no odd chars
@@ -168,7 +169,7 @@ def evaluate(params: Params) -> dict:
     model, tokenizer = load_trained(paths.model)
     rows, data_labels = load_test_split(paths.processed)
     labels = model_labels(model.config, data_labels, paths.model)
-
+    print(f"evaluate: scoring {len(rows)} test rows", flush=True)  # a log file shows the phase
     logits = predict_logits(model, tokenizer, rows, params.evaluate.batch_size)
     refs = np.array([r["labels"] for r in rows])
     preds = logits.argmax(axis=1)
@@ -189,5 +190,5 @@ def evaluate(params: Params) -> dict:
     errors.to_csv(paths.eval_reports / MISCLASSIFIED, index=False)
     tracking.log_to_run(params, flat_metrics(metrics), [*written, paths.eval_reports / MISCLASSIFIED])
     print(f"evaluate: accuracy {metrics['accuracy']}, f1_macro {metrics['f1_macro']}, "
-          f"{len(errors)} errors listed")
+          f"{len(errors)} errors listed", flush=True)
     return metrics

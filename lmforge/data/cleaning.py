@@ -19,8 +19,12 @@ from lmforge.tasks import CAUSAL_LM, CLASSIFICATION
 
 def text_columns(data: Data, task: str) -> dict[str, str]:
     """The columns holding text, keyed by the params key naming each."""
+    if data.chat is not None:  # conversations (lmforge/data/conversations.py)
+        return {"data.chat": "messages"}
     if task == CAUSAL_LM and data.pairs:
-        return {"data.prompt_column": data.prompt_column, "data.response_column": data.response_column}
+        rejected = {"data.rejected_column": data.rejected_column} if data.rejected_column else {}
+        return {"data.prompt_column": data.prompt_column, "data.response_column": data.response_column,
+                **rejected}  # preferences: the rejected answer is cleaned and checked alike
     return {"data.text_column": data.text_column}
 
 

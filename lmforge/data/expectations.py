@@ -19,7 +19,8 @@ def outcome(result, examples: int) -> dict:
     # A failed metric nests its exception under the metric's id; a failed expectation does not.
     errors = [e for e in (info, *info.values()) if isinstance(e, dict)]
     errors = [e["exception_message"] for e in errors if e.get("raised_exception")]
-    column = result.expectation_config.kwargs.get("column")
+    kwargs = result.expectation_config.kwargs
+    column = kwargs.get("column")
     if "partial_unexpected_index_list" in res:  # class-balance rows: show the class, not the number
         rows = res["partial_unexpected_index_list"]
         shown = [f"{d['class']}: {column}={d[column]:.4g}" for d in rows]
@@ -30,6 +31,8 @@ def outcome(result, examples: int) -> dict:
         "unexpected_count": int(res.get("unexpected_count", 0 if result.success else 1)),
         "expectation": result.expectation_config.type,
         "column": column,
+        # the bounds, set or pattern checked: min_value=5, mostly=0.95, value_set=[...]
+        "expected": {k: v for k, v in kwargs.items() if k not in ("batch_id", "column")},
         "examples": shown[:examples],
         "error": errors[0] if errors else None,
     }

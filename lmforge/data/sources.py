@@ -2,10 +2,16 @@
 
 Used by stages/ingest.py; every failure is a UserError naming the file and what to do. Plain-text
 (.txt) files are read only for task causal_lm: a classifier needs a label for every text.
+
+The labelling loop (docs/labelling.md) adds two things a classification source may hold: rows to
+label (an ``unlabeled`` file in a folder source; empty label cells anywhere), and Label Studio
+JSON exports (the source itself, or every .json in a folder source's ``labelstudio/``). Exports are
+only found here; lmforge/data/labelstudio.py reads them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -18,6 +24,8 @@ from lmforge.tasks import CAUSAL_LM, CLASSIFICATION
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 TEXT_SUFFIX = ".txt"
 HF_PREFIX = "hf:"
+UNLABELED = "unlabeled"  # a folder source's file of rows to label: a text column, no labels
+LABEL_STUDIO_DIR = "labelstudio"  # a folder source's subfolder of Label Studio JSON exports
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -63,8 +71,6 @@ def delimiter_hint(header: str) -> str:
 
 def bad_json_line(path: Path) -> str:
     """The first line of a JSONL file that is not one JSON value: pandas only gives an offset."""
-    import json
-
     with path.open(encoding="utf-8", errors="replace") as f:
         for no, line in enumerate(f, 1):
             try:
@@ -137,20 +143,49 @@ def source_suffixes(task: str) -> tuple[str, ...]:
     return (*FORMATS, TEXT_SUFFIX) if task == CAUSAL_LM else tuple(FORMATS)
 
 
-def find_split_files(folder: Path, suffixes: tuple[str, ...] = tuple(FORMATS)) -> dict[str, Path]:
-    """Map split name -> file for a folder source; train is required, the others optional."""
+def find_split_files(folder: Path, suffixes: tuple[str, ...] = tuple(FORMATS),
+                     names: tuple[str, ...] = SPLITS, need_train: bool = True) -> dict[str, Path]:
+    """Map split name (or ``unlabeled``) -> file for a folder source; train is required unless
+    ``need_train`` is off (Label Studio exports provide the labelled rows)."""
     found: dict[str, Path] = {}
-    for split in SPLITS:
+    for split in names:
         matches = [p for p in sorted(folder.glob(f"{split}.*")) if p.suffix.lower() in suffixes]
         if len(matches) > 1:
             raise UserError(f"{folder}: several files for split '{split}': {[p.name for p in matches]}")
         if matches:
             found[split] = matches[0]
-    if "train" not in found:
-        names = sorted(p.name for p in folder.iterdir())
+    if "train" not in found and need_train:
+        present = sorted(p.name for p in folder.iterdir())
         kinds = "/".join(s for s in suffixes if s != ".json")
-        raise UserError(f"{folder}: no train{kinds} file (found: {names})")
+        raise UserError(f"{folder}: no train{kinds} file (found: {present})")
     return found
+
+
+def is_label_studio_export(path: Path) -> bool:
+    """A .json file holding one JSON list (Label Studio's export), or one task object on its first
+    line (an export without its list, which the export reader then refuses by name), not JSON Lines."""
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    head = first_line(path).strip()
+    if head.startswith("["):
+        return True
+    try:
+        first = json.loads(head)
+    except ValueError:
+        return False
+    return isinstance(first, dict) and {"data", "annotations"} <= set(first)
+
+
+def label_studio_exports(data: Data, task: str = CLASSIFICATION) -> list[Path]:
+    """The Label Studio exports of a classification source, in name order (Label Studio names an
+    export by its date, so a later one comes later): the source itself, or every .json in a folder
+    source's ``labelstudio/``."""
+    path = Path(data.source)
+    if task != CLASSIFICATION or data.source.startswith(HF_PREFIX):
+        return []
+    if path.is_dir():
+        return sorted((path / LABEL_STUDIO_DIR).glob("*.json"))
+    return [path] if is_label_studio_export(path) else []
 
 
 def load_hub_dataset(dataset_id: str) -> dict[str, pd.DataFrame]:
@@ -170,7 +205,9 @@ def load_hub_dataset(dataset_id: str) -> dict[str, pd.DataFrame]:
 
 
 def load_source(data: Data, task: str = CLASSIFICATION) -> dict[str, pd.DataFrame]:
-    """Read the source into tables keyed by split name (``source`` for a single, unsplit file).
+    """Read the source into tables keyed by split name (``source`` for a single, unsplit file;
+    ``unlabeled`` for a folder's rows to label). Label Studio exports are left to the caller
+    (``label_studio_exports``): a source that is one export gives no table.
 
     A table read from a file carries its path in ``df.attrs["path"]``.
     """
@@ -179,7 +216,9 @@ def load_source(data: Data, task: str = CLASSIFICATION) -> dict[str, pd.DataFram
     path = Path(data.source)
     if not path.exists():
         raise UserError(f"data.source '{path}' does not exist")
+    exports = label_studio_exports(data, task)
     if path.is_dir():
-        files = find_split_files(path, source_suffixes(task))
+        names = (*SPLITS, UNLABELED) if task == CLASSIFICATION else SPLITS
+        files = find_split_files(path, source_suffixes(task), names, need_train=not exports)
         return {split: read_file(p, data, task) for split, p in files.items()}
-    return {"source": read_file(path, data, task)}
+    return {} if exports else {"source": read_file(path, data, task)}

@@ -17,7 +17,7 @@ from lmforge import tasks
 from lmforge.params import Params, Train
 from lmforge.tasks import CAUSAL_LM, CLASSIFICATION
 from lmforge.training.hardware import resolve_precision
-from lmforge.training.lit import Curves
+from lmforge.training.lit import Curves, Progress
 from lmforge.training.resume import AtomicCheckpointIO, ResumeState, StepCheckpoint
 
 
@@ -61,8 +61,34 @@ def make_callbacks(cfg: Train, folder: Path, task: str = CLASSIFICATION
         # and the monitor (a Literal in params, so no typo) is legitimately missing.
         others.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=es.patience,
                                     strict=False))
+    if not sys.stdout.isatty():  # a terminal has the progress bar (build_trainer)
+        others.append(Progress(cfg.progress_every_n_steps, tasks.task(task).monitors))
     curves = Curves(tasks.task(task).monitors)
     return curves, best, [curves, best, *others]
+
+
+def mlflow_name(key: str) -> str:
+    """The MLflow name of a metric Lightning logs, prefixed so the UI groups it: train_loss ->
+    train/loss, val_accuracy -> val/accuracy, lr-AdamW/pg1 -> train/lr-AdamW/pg1, epoch ->
+    train/epoch. The names inside Lightning (monitors, val.csv, train.json) stay as they are."""
+    for split in ("train", "val"):
+        if key.startswith(f"{split}_"):
+            return f"{split}/{key.removeprefix(f'{split}_')}"
+    return f"train/{key}" if key == "epoch" or key.startswith("lr-") else key
+
+
+def mlflow_logger(run_id: str | None, uri: str):
+    """Lightning's MLFlowLogger into the run train opened, with mlflow_name's names; asynchronous,
+    so per-step metrics never stall training. Inert off rank 0 (Lightning's rank-zero guards)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class GroupedMLFlowLogger(MLFlowLogger):
+        @rank_zero_only
+        def log_metrics(self, metrics, step=None) -> None:
+            super().log_metrics({mlflow_name(k): v for k, v in metrics.items()}, step)
+
+    return GroupedMLFlowLogger(run_id=run_id, tracking_uri=uri, synchronous=False)
 
 
 def best_weights(ckpt: Path) -> dict:

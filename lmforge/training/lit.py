@@ -239,6 +239,48 @@ class Curves(L.Callback):
         self.loss_rows, self.val_rows = state["loss_rows"], state["val_rows"]
 
 
+class Progress(L.Callback):
+    """A flushed line on stdout every ``every`` optimizer steps and at each epoch's end: what a log
+    file (DVC, CI, a queue worker) shows while train runs. A terminal gets Lightning's progress bar
+    instead (fit.make_callbacks adds this callback only when stdout is not one). Rank 0 only."""
+
+    def __init__(self, every: int | None, monitors: tuple[str, ...]) -> None:
+        self.every, self.monitors = every, monitors
+        self._t0, self._printed, self._steps = 0.0, -1, ""
+
+    def on_train_start(self, trainer, module) -> None:
+        self._t0, self._printed = time.perf_counter(), trainer.global_step  # > 0 when resumed
+        total = trainer.estimated_stepping_batches  # inf without a budget
+        self._steps = f"/{int(total)}" if math.isfinite(total) else ""
+        self._say(trainer, "training")
+
+    def _say(self, trainer, what: str) -> None:
+        if trainer.is_global_zero:
+            epochs = f"/{trainer.max_epochs}" if (trainer.max_epochs or 0) > 0 else ""
+            print(f"train: epoch {trainer.current_epoch + 1}{epochs}, step {trainer.global_step}"
+                  f"{self._steps}, {what}, {time.perf_counter() - self._t0:.0f} s", flush=True)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # rises once per optimizer step, not per (accumulated) batch
+        if self.every and step % self.every == 0 and step != self._printed:
+            self._printed = step
+            loss = trainer.callback_metrics.get("train_loss")
+            self._say(trainer, "loss -" if loss is None else f"loss {float(loss):.4f}")
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        # Validation ran just before (at the epoch's end), unless max_steps stopped it mid-epoch.
+        m = trainer.callback_metrics
+        scores = ", ".join(f"{k} {float(m[k]):.4f}" for k in self.monitors if k in m)
+        self._say(trainer, f"epoch done{', ' + scores if scores else ''}")
+
+
+# The curves are our own CSV files rather than DVCLive's Lightning logger (DVCLiveLogger), which
+# does not fit train's outputs: its live view (`dvc exp show` during a run) comes from rewriting
+# declared metrics and plots files in place at every step, while train writes its outputs aside
+# and swaps them in together (a failed or killed run leaves the last good ones); and after a
+# resume from last.ckpt it would log the replayed steps again, where Curves travel inside the
+# checkpoint and come out byte-identical to an uninterrupted run. Live progress is the Progress
+# lines above and the MLflow run's charts, which fill while training.
 def write_curves(curves: Curves, folder: Path) -> list[Path]:
     """The DVC plots: loss.csv (step, train_loss) and val.csv (epoch and the task's val metrics)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ from lmforge.params import Params
 # max_epochs to train on), hardware, logging and how often to checkpoint. Every other knob makes
 # a checkpoint stale.
 RESUME_FREE = {"max_epochs", "max_steps", "accelerator", "devices", "strategy", "num_nodes",
-               "num_workers", "log_every_n_steps", "eval_batch_size", "checkpoint_every_n_steps",
-               "torch_compile", "gradient_checkpointing"}
+               "num_workers", "log_every_n_steps", "progress_every_n_steps", "eval_batch_size",
+               "checkpoint_every_n_steps", "torch_compile", "gradient_checkpointing"}
 STATE_FILE = "train_state.json"  # beside last.ckpt: what made it, and whether that run finished
 ROOT = Path(__file__).resolve().parents[2]  # the repo root: code paths are named relative to it
 
@@ -82,9 +82,9 @@ def checkpoint_to_resume(folder: Path, fp: str, budget: dict) -> Path | None:
     if resume and not zipfile.is_zipfile(last):  # torch.save writes a zip; a cut-off one lacks its end
         resume, why = False, "it is truncated (a run killed while writing it, before atomic saves)"
     if resume:
-        print(f"train: resuming from {last} ({why})")
+        print(f"train: resuming from {last} ({why})", flush=True)
     elif folder.exists() and any(folder.iterdir()):
-        print(f"train: clearing {folder} ({why or 'no last.ckpt'})")
+        print(f"train: clearing {folder} ({why or 'no last.ckpt'})", flush=True)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(state_path, {"fingerprint": fp, "finished": False, "budget": budget})
