@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     p.add_argument("--model-dir", type=Path, help="a causal LM folder (default: the tiny model)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of every system (serve.threads of the service); 1: the tiny "
+                   "model gains nothing from more, and OpenMP's spinning threads collapse on busy "
+                   "shared cores (one 32-token answer took 0.1 s with 1 thread, 7.6 s with 2)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per request")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     return p.parse_args(argv)
@@ -96,14 +100,14 @@ def context_of(model_dir: Path) -> int:
     return next(config[k] for k in ("n_positions", "max_position_embeddings") if k in config)
 
 
-def package(model_dir: Path, max_tokens: int) -> str:
+def package(model_dir: Path, max_tokens: int, threads: int) -> str:
     """The model in the BentoML store of $BENTOML_HOME (set by main), with the metadata
     bento/generate.py reads; its tag."""
     import bentoml
 
     limits = {"max_texts": 64, "max_chars": 8000, "max_batch_size": 64, "max_latency_ms": 0,
               "max_new_tokens": max(max_tokens, 16), "truncate": True, "workers": 1,
-              "timeout_s": 600, "runtime": "torch", "allow_anonymous": False}
+              "timeout_s": 600, "runtime": "torch", "allow_anonymous": False, "threads": threads}
     metadata = {"task": "causal_lm", "format": "chat", "template": "",
                 "context": context_of(model_dir), "serve": limits, "runtime": "torch",
                 "onnx_file": "", "mlflow_tracking_uri": ""}
@@ -112,13 +116,14 @@ def package(model_dir: Path, max_tokens: int) -> str:
     return str(stored.tag)
 
 
-def sequential(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
+def sequential(model_dir: Path, prompts: list[str], max_tokens: int, threads: int) -> dict:
     """(a): model.generate per request, one after the other; the first token's time from a
     streamer (its first put() is the prompt)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
 
+    torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True).eval()
 
@@ -229,7 +234,7 @@ def print_report(report: dict) -> None:
           f"transformers {m['transformers']}, bentoml {m['bentoml']}")
     s = report["settings"]
     print(f"model: {s['model']}; {s['requests']} requests per run, {s['max_tokens']} tokens each, "
-          "greedy\n")
+          f"greedy; torch threads {s['threads']}\n")
     print("| system | concurrency | requests | tokens/s | TTFT p50 ms | TTFT p95 ms | latency p50 ms "
           "| statuses |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
@@ -248,8 +253,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         raise ServeError(f"--model-dir {model_dir} holds no model (no config.json)")
     prompts = load_prompts(model_dir, args.requests)
     os.environ["BENTOML_HOME"] = str(work / "bentoml")  # before bentoml reads its configuration
-    tag = package(model_dir, args.max_tokens)
-    rows = [sequential(model_dir, prompts, args.max_tokens)]
+    tag = package(model_dir, args.max_tokens, args.threads)
+    rows = [sequential(model_dir, prompts, args.max_tokens, args.threads)]
     print(f"sequential: {rows[0]['tokens_s']} tokens/s", flush=True)
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("BENTOML_HOST", None)
@@ -259,11 +264,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     with serving(bento, REPO, work / "bentoml.log", "/readyz", env) as server:
         rows += served_rows("bentoml", server.url, prompts, args, MODEL_NAME)
     naive = lambda port: [sys.executable, "-m", "benchmarks.naive_gen_app",  # noqa: E731
-                          "--model", str(model_dir), "--port", str(port)]
+                          "--model", str(model_dir), "--port", str(port),
+                          "--threads", str(args.threads)]
     with serving(naive, REPO, work / "naive.log", "/openapi.json", env) as server:
         rows += served_rows("naive", server.url, prompts, args, MODEL_NAME)
     settings = {"requests": args.requests, "warmup": args.warmup, "concurrency": args.concurrency,
-                "max_tokens": args.max_tokens,
+                "max_tokens": args.max_tokens, "threads": args.threads,
                 "model": str(args.model_dir) if args.model_dir else
                 "tiny GPT-2 from a config (4 layers, hidden 128, vocab 1000), random weights"}
     return {"machine": machine(), "settings": settings, "results": rows, "ratio_c8": ratio_at_8(rows)}

@@ -1,7 +1,7 @@
 """The baseline bench_generate.py compares the causal LM service with: the generation app users write
 by hand around a ``transformers`` pipeline.
 
-    python -m benchmarks.naive_gen_app --model <model folder> [--port 8001]
+    python -m benchmarks.naive_gen_app --model <model folder> [--port 8001] [--threads 1]
 
 POST /v1/completions {"prompt", "max_tokens", "stream": true} streams server-sent events in the
 shape of OpenAI's (``choices[0].text``, then a last chunk with ``usage``), so the benchmark reads
@@ -67,7 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a causal LM folder")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     uvicorn.run(create_app(args.model), host="127.0.0.1", port=args.port)
 
 

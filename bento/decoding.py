@@ -6,11 +6,12 @@ decodes, and a batch of requests moves one token per forward pass:
 
 - ``Engine.stream(ids, sampling)`` queues a request and yields its text as it is generated (a
   ``Delta`` per piece, then one ``Done``); ``Engine.complete`` waits for the whole answer.
-- Static batches that form while the model is busy (as bento/batching.py for the classifier):
-  when a batch ends, the next takes every request that queued meanwhile, up to
-  ``max_batch_size``; an idle engine starts a request at once. A request never joins a batch
-  already decoding (that would be continuous batching), so under load its first token waits for
-  the running batch to end.
+- Continuous batching: an idle engine starts a request at once; requests that queue while a batch
+  decodes join it between two forward passes (prefilled together, their cache rows left-padded to
+  the batch's length or the batch's to theirs), up to ``max_batch_size`` rows, so under load a
+  first token waits for one prefill, not for the running batch to end. Models whose cache is not
+  a plain per-layer DynamicCache (sliding windows, recurrent state) fall back to static batches:
+  requests that queued meanwhile form the next batch.
 - Each row of a batch keeps its own options: ``max_new_tokens``, ``temperature`` (0: greedy),
   ``top_p``, ``seed`` (its own random generator: the same seed gives the same text whatever the
   batch) and ``stop`` strings. A finished row (a stop id, a stop string, its length, or a caller
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -126,48 +128,129 @@ def choose(logits, jobs: list[Job]):
     return tokens
 
 
-def decode_batch(model, jobs: list[Job], pad_id: int, stop_ids: set[int],
-                 decode: Callable[[list[int]], str]) -> None:
-    """Generate every job's answer in one batch: one prefill of the left-padded prompts, then one
-    forward pass per token for the rows still running. Runs in the engine's thread."""
+class Batch:
+    """The rows decoding together: their jobs, KV cache, attention mask (B, T), last positions (B, 1)
+    and the tokens to feed next (B,). Cache length and mask width are equal between passes."""
+
+    def __init__(self, model, jobs: list[Job], pad_id: int) -> None:
+        """Prefill: the left-padded prompts in one pass; position ids count real tokens only, so a
+        row decodes exactly as it would alone."""
+        import torch
+
+        self.model, self.dev = model, next(model.parameters()).device
+        # transformers 5 names the KV cache `cache` (`past_key_values` before, deprecated since)
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        rows, mask = left_pad([j.ids for j in jobs], pad_id)
+        ids = torch.tensor(rows, device=self.dev)  # (B, T)
+        self.mask = torch.tensor(mask, device=self.dev)  # (B, T)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True)
+        self.cache, self.positions = getattr(out, self.cache_kw), positions[:, -1:]
+        self.jobs = list(jobs)
+        self.tokens = choose(out.logits[:, -1, :], self.jobs)
+
+    def keep(self, rows: list[int]) -> None:
+        """Only ``rows`` go on: finished rows leave with their cache rows."""
+        import torch
+
+        if len(rows) == len(self.jobs):
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.dev)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.tokens = self.mask[index], self.positions[index], self.tokens[index]
+        self.jobs = [self.jobs[i] for i in rows]
+
+    def can_join(self) -> bool:
+        """Whether other rows can be merged in: a plain DynamicCache (per layer, keys and values
+        (B, heads, T, dim)); sliding-window or recurrent caches cannot."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def join(self, other: Batch) -> None:
+        """Merge ``other``'s rows in: the shorter side is left-padded (masked) to the longer."""
+        import torch
+
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t, dim: int):  # left-pad dimension ``dim`` of t to ``width`` with zeros
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([pad(mine.keys, -2), pad(theirs.keys, -2)])
+            mine.values = torch.cat([pad(mine.values, -2), pad(theirs.values, -2)])
+        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.jobs += other.jobs
+
+    def step(self) -> None:
+        """One forward pass: every row's last token in, the next token of every row chosen."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.jobs), 1))], dim=1)  # (B, T+1)
+        self.positions = self.positions + 1
+        out = self.model(input_ids=self.tokens[:, None], attention_mask=self.mask,
+                         position_ids=self.positions, use_cache=True, **{self.cache_kw: self.cache})
+        self.tokens = choose(out.logits[:, -1, :], self.jobs)
+
+
+def seed(jobs: list[Job]) -> list[Job]:
     import torch
 
     for job in jobs:
         if job.sampling.temperature > 0 and job.sampling.seed is not None:
             job.generator = torch.Generator().manual_seed(job.sampling.seed)
-    # transformers 5 names the KV cache `cache` (`past_key_values` before, deprecated since)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    rows, mask = left_pad([j.ids for j in jobs], pad_id)
-    dev = next(model.parameters()).device
-    ids = torch.tensor(rows, device=dev)  # (B, T)
-    mask = torch.tensor(mask, device=dev)  # (B, T)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0, as alone
-    live = list(jobs)
+    return jobs
+
+
+def decode_batch(model, jobs: list[Job], pad_id: int, stop_ids: set[int],
+                 decode: Callable[[list[int]], str],
+                 more: Callable[[int], list[Job]] | None = None, max_rows: int = 0) -> None:
+    """Generate every job's answer: one prefill of the left-padded prompts, then one forward pass
+    per token for the rows still running. ``more(n)``: up to n requests that queued meanwhile,
+    asked for between passes while the batch has fewer than ``max_rows`` rows; they are prefilled
+    and join the running batch (continuous batching). Runs in the engine's thread."""
+    import torch
+
+    def settle(batch: Batch) -> Batch:
+        """Each row takes its newly chosen token; finished rows leave the batch."""
+        tokens = batch.tokens.tolist()
+        batch.keep([i for i, (job, token) in enumerate(zip(batch.jobs, tokens, strict=True))
+                    if not job.cancelled and not job.add(token, decode, stop_ids)])
+        return batch
+
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        batch = settle(Batch(model, seed(jobs), pad_id))
         while True:
-            cache, logits = getattr(out, cache_kw), out.logits[:, -1, :]  # (B, V)
-            tokens = choose(logits, live).tolist()
-            keep = [i for i, (job, token) in enumerate(zip(live, tokens, strict=True))
-                    if not job.cancelled and not job.add(token, decode, stop_ids)]
-            if not keep:
+            room = max_rows - len(batch.jobs)
+            new = more(room) if more is not None and room > 0 and batch.can_join() else []
+            if new:
+                joined = settle(Batch(model, seed(new), pad_id))
+                if not batch.jobs:
+                    batch = joined
+                elif joined.jobs:
+                    batch.join(joined)
+            if not batch.jobs:
+                if new:
+                    continue  # every new row finished at once: look for more
                 return
-            if len(keep) < len(live):  # finished rows leave the batch with their cache rows
-                index = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-                tokens = [tokens[i] for i in keep]
-                live = [live[i] for i in keep]
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)  # (B, T + 1)
-            positions = positions[:, -1:] + 1  # (B, 1)
-            out = model(input_ids=torch.tensor(tokens, device=dev)[:, None], attention_mask=mask,
-                        position_ids=positions, use_cache=True, **{cache_kw: cache})
+            batch.step()
+            settle(batch)
 
 
 class Engine:
     """One decoding thread for a worker's model; requests queue and are decoded in batches.
 
-    ``on_batch(rows)`` is called for every batch (metrics).
+    ``on_batch(rows)`` is called for every group of requests taken: a new batch, or rows joining
+    a running one (metrics).
     """
 
     def __init__(self, model, tokenizer, stop_ids: set[int], pad_id: int, max_batch_size: int,
@@ -176,6 +259,7 @@ class Engine:
         self.max_batch_size, self.on_batch = max_batch_size, on_batch
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.queue: list[Job] = []
+        self.lock = threading.Lock()  # the queue is filled on the event loop, read by the decoder
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.wake: asyncio.Event | None = None
         self.loop_task: asyncio.Task | None = None
@@ -189,11 +273,21 @@ class Engine:
             self.loop_task = loop.create_task(self.run())
         events: asyncio.Queue = asyncio.Queue()
         job = Job(list(ids), sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        self.queue.append(job)
+        with self.lock:
+            self.queue.append(job)
         self.wake.set()
         try:
             while True:
                 event = await events.get()
+                # What queued meanwhile goes out as one piece: a reader that falls behind (a busy
+                # event loop, a slow client) gets fewer, larger chunks instead of a backlog.
+                while isinstance(event, Delta) and not events.empty():
+                    following = events.get_nowait()
+                    if not isinstance(following, Delta):
+                        yield event
+                        event = following
+                        break
+                    event = Delta(event.text + following.text)
                 if isinstance(event, BaseException):
                     raise event
                 yield event
@@ -208,26 +302,37 @@ class Engine:
                 return event
         raise RuntimeError("generation ended without an answer")
 
-    def take(self) -> list[Job]:
-        """Up to max_batch_size queued requests whose caller is still waiting."""
-        self.queue = [job for job in self.queue if not job.cancelled]
-        jobs, self.queue = self.queue[: self.max_batch_size], self.queue[self.max_batch_size:]
+    def take(self, n: int) -> list[Job]:
+        """Up to n queued requests whose caller is still waiting (from either thread)."""
+        with self.lock:
+            self.queue = [job for job in self.queue if not job.cancelled]
+            jobs, self.queue = self.queue[:n], self.queue[n:]
+        return jobs
+
+    def taken(self, n: int) -> list[Job]:
+        """take() for the decoding thread: the batch grows by what it takes (metrics)."""
+        jobs = self.take(n)
+        if jobs and self.on_batch:
+            self.on_batch(len(jobs))
         return jobs
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self.wake.wait()
-            jobs = self.take()
-            if not self.queue:
-                self.wake.clear()
-            if not jobs:
-                continue
-            if self.on_batch:
-                self.on_batch(len(jobs))
-            try:
-                await loop.run_in_executor(self.pool, decode_batch, self.model, jobs, self.pad_id,
-                                           self.stop_ids, self.decode)
-            except Exception as err:  # this batch's requests fail; the engine goes on
-                for job in jobs:
-                    job.emit(err)
+            self.wake.clear()  # a request queued from here on sets it again: none is missed
+            while jobs := self.taken(self.max_batch_size):
+                joined = list(jobs)
+
+                def more(n: int, joined: list[Job] = joined) -> list[Job]:
+                    new = self.taken(n)
+                    joined.extend(new)
+                    return new
+
+                try:
+                    await loop.run_in_executor(self.pool, decode_batch, self.model, jobs,
+                                               self.pad_id, self.stop_ids, self.decode, more,
+                                               self.max_batch_size)
+                except Exception as err:  # this batch's requests fail; the engine goes on
+                    for job in joined:
+                        job.emit(err)

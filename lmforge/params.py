@@ -468,7 +468,8 @@ class Serve(Section):
     max_texts: int = Field(64, ge=1, description="Most texts (prompts) in one request.")
     max_chars: int = Field(2000, ge=1, description="Longest text accepted, in characters.")
     max_batch_size: int = Field(
-        64, ge=1, description="Adaptive batching: most texts per forward pass."
+        64, ge=1, description="Adaptive batching: most texts per forward pass (causal_lm: most "
+        "requests decoding together, bento/decoding.py)."
     )
     max_latency_ms: int = Field(
         0, ge=0, description="Adaptive batching: how long a request may be held back for companions "

@@ -276,8 +276,10 @@ def test_validate_names_a_missing_rejected_answer_and_one_equal_to_the_chosen(tm
 # --- the stage on a tiny GPT-2 ------------------------------------------------------------------
 
 
-def set_up(root, tokenizer, **align_cfg):
+def set_up(root, tokenizer, monkeypatch, **align_cfg):
     """What align reads: interim splits with preferences, train's model, the MLflow run."""
+    # MLflow's set_tracking_uri exports the URI: a test before this one must not pick the store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = parse_params(raw_params(root, **align_cfg))
     df = preference_frame(24)
     params.paths.interim.mkdir(parents=True)
@@ -306,7 +308,7 @@ def test_stage_aligns_writes_its_outputs_and_evaluate_scores_before_and_after(
     reward = {"exact_match": {"function": "exact_match"},
               "words": {"function": "rewards.sample:words_in_place"},
               "short": {"function": "length_penalty", "max_chars": 5}}
-    params = set_up(tmp_path, tokenizer, method=method, grpo={"group_size": 4, "max_new_tokens": 8,
+    params = set_up(tmp_path, tokenizer, monkeypatch, method=method, grpo={"group_size": 4, "max_new_tokens": 8,
                                                              "temperature": 1.5, "rewards": reward})
     summary = align.main(params)
 
@@ -327,12 +329,12 @@ def test_stage_aligns_writes_its_outputs_and_evaluate_scores_before_and_after(
                 "exact_match_mean", "words_std", "short_mean"} <= set(curves.columns)
         assert "test_exact_match" in summary and "test_reward" in summary
     assert json.loads(paths.align_metrics.read_text()) == summary
-    run = tracking.resume_run  # the curves went into train's run, under align/
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # the curves went into train's run, under align/
 
     client = MlflowClient(params.tracking.uri)
     run_id = json.loads(paths.run_info.read_text())["run_id"]
-    assert len(client.get_metric_history(run_id, "align/loss")) == 4 and run
+    curve = "align/loss" if method == "dpo" else "align/reward_mean"  # each method's own curves
+    assert len(client.get_metric_history(run_id, curve)) == 4
 
     ev = evaluate.main(params)
     section = json.loads(paths.eval_metrics.read_text())["align"]
@@ -346,7 +348,7 @@ def test_with_lora_the_reference_is_the_model_with_adapters_off(tmp_path, monkey
     """Fresh adapters start at zero: at step 1 the policy is the reference, so the sigmoid loss is
     log 2 exactly; the adapters are merged into the saved weights."""
     monkeypatch.chdir(tmp_path)
-    params = set_up(tmp_path, tokenizer, method="dpo", learning_rate=1e-2)
+    params = set_up(tmp_path, tokenizer, monkeypatch, method="dpo", learning_rate=1e-2)
     raw = raw_params(tmp_path, method="dpo", learning_rate=1e-2)
     raw["model"] = {"source": str(params.paths.model),
                     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]}}
@@ -375,7 +377,7 @@ def test_method_none_writes_a_marker_and_loads_nothing(tmp_path):
 def test_a_reward_that_raises_stops_the_stage_and_keeps_the_outputs(
         tmp_path, monkeypatch, tokenizer, broken_rewards):
     monkeypatch.chdir(tmp_path)
-    params = set_up(tmp_path, tokenizer, method="grpo",
+    params = set_up(tmp_path, tokenizer, monkeypatch, method="grpo",
                     grpo={"group_size": 2, "max_new_tokens": 4,
                           "rewards": {"mine": {"function": "rewards.broken:raises"}}})
     write_json(params.paths.align_metrics, {"aligned": False})

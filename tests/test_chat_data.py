@@ -66,7 +66,6 @@ def test_exactly_the_assistant_tokens_of_every_turn_carry_loss(tokenizer):
     assert ids == expected_ids
     assert labels == expected_labels
     counted = [i for i, label in enumerate(labels) if label != IGNORE]
-    first, second = tokenizer.decode(ids[counted[0]:]), None
     # Two runs of positions: the first answer + EOS, the second answer + EOS, nothing else.
     runs = [[counted[0]]]
     for i in counted[1:]:
@@ -235,3 +234,23 @@ def test_evaluate_scores_assistant_tokens_and_the_last_assistant_message(tmp_pat
     assert generations["reference"].tolist() == [m[-1]["content"] for m in test["messages"][:4]]
     assert [json.loads(p)[-1]["content"] for p in generations["prompt"]] == [
         m[-2]["content"] for m in test["messages"][:4]]
+
+
+def test_a_pretrained_tokenizer_without_a_template_gets_the_default_with_im_start_as_text(tmp_path):
+    import pandas as pd
+
+    from tests.helpers import tiny_gpt2, train_bpe
+
+    folder = tmp_path / "base"
+    base = train_bpe(["the kettle boils", "Reverse the words: snow field wheel"])
+    base.save_pretrained(str(folder))
+    tiny_gpt2(base).save_pretrained(str(folder))
+    params = parse_params({"task": "causal_lm", "model": {"source": str(folder)},
+                           "data": {"chat": {}}, "train": {"early_stopping": None},
+                           "gate": {"floors": {"perplexity": {"max": 1e9}}, "tolerances": {}}})
+    tokenizer = lm_data.lm_tokenizer(params, pd.DataFrame({"messages": [CONVERSATION]}))
+    assert tokenizer.chat_template == chat.DEFAULT_CHAT_TEMPLATE
+    assert chat.IM_START not in tokenizer.get_vocab()  # no new token: plain text for this model
+    ids, labels = chat.encode(tokenizer, CONVERSATION, last_only=False)
+    counted = [ids[i] for i, label in enumerate(labels) if label != IGNORE]
+    assert tokenizer.decode(counted) == f"wheel field snow{EOS}WHEEL FIELD SNOW{EOS}"

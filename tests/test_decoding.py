@@ -136,3 +136,32 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_finish(tokenizer):
                  lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     assert jobs[0].generated == [] and events[0] == []  # gone before its first token
     assert [len(j.generated) for j in jobs[1:]] == [10, 10]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_requests_that_queue_meanwhile_join_the_running_batch(tokenizer, arch):
+    """Continuous batching: rows joining between passes (with prompts longer and shorter than the
+    batch's width) decode exactly as they would alone, and share the batch's passes."""
+    model = tiny_gpt2(tokenizer) if arch == "gpt2" else tiny_llama(tokenizer)
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(1))
+    first, longer, shorter = prompts(tokenizer)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    events = {name: [] for name in ("first", "longer", "shorter", "late")}
+    jobs = {name: Job(ids, Sampling(8), events[name].append) for name, ids in
+            (("first", first), ("longer", longer), ("shorter", shorter), ("late", first))}
+    arrivals = [[jobs["longer"], jobs["shorter"]], [], [], [jobs["late"]]]  # per boundary
+
+    def more(n):
+        return arrivals.pop(0)[:n] if arrivals else []
+
+    decode_batch(model, [jobs["first"]], PAD, {tokenizer.eos_token_id}, decode, more, max_rows=8)
+
+    for name, ids in (("first", first), ("longer", longer), ("shorter", shorter), ("late", first)):
+        alone = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
+                               max_new_tokens=8, do_sample=False, pad_token_id=PAD,
+                               eos_token_id=tokenizer.eos_token_id)
+        assert events[name][-1].text == tokenizer.decode(alone[0, len(ids):], skip_special_tokens=True)
+    # 4 generate() calls above made 32 passes; the batch: 3 prefills and the steps of the
+    # longest-running row (the late one: joined at the 4th boundary, 8 tokens) -> 3 + 3 + 7 = 13.
+    assert len(calls) - 4 * 8 == 13
