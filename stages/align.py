@@ -50,7 +50,7 @@ def log_to_run(params: Params, curves: list[dict], summary: dict, files: list[Pa
         now = int(time.time() * 1000)
         points = [Metric(f"align/{k}", float(v), now, row["step"])
                   for row in curves for k, v in row.items() if k != "step"]
-        client = mlflow.MlflowClient()
+        client = mlflow.MlflowClient(tracking.tracking_uri(params.tracking))
         for start in range(0, len(points), 1000):  # MLflow's batch limit
             client.log_batch(run.info.run_id, metrics=points[start : start + 1000])
         mlflow.log_metrics({f"align/{k}": float(v) for k, v in summary.items()

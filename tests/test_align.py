@@ -308,8 +308,8 @@ def test_stage_aligns_writes_its_outputs_and_evaluate_scores_before_and_after(
     reward = {"exact_match": {"function": "exact_match"},
               "words": {"function": "rewards.sample:words_in_place"},
               "short": {"function": "length_penalty", "max_chars": 5}}
-    params = set_up(tmp_path, tokenizer, monkeypatch, method=method, grpo={"group_size": 4, "max_new_tokens": 8,
-                                                             "temperature": 1.5, "rewards": reward})
+    grpo_cfg = {"group_size": 4, "max_new_tokens": 8, "temperature": 1.5, "rewards": reward}
+    params = set_up(tmp_path, tokenizer, monkeypatch, method=method, grpo=grpo_cfg)
     summary = align.main(params)
 
     paths = params.paths
