@@ -65,11 +65,13 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(tmp_path, ti
     assert "resuming" not in run.stdout
     assert json.loads((twin / "metrics/train.json").read_text())["steps"] == STEPS
 
+    metrics_before = (crashed / "metrics/train.json").read_bytes()  # the committed one
     killed_at = kill_after_first_checkpoint(crashed)
     assert 0 < killed_at < STEPS // 2, killed_at  # mid-epoch, inside the first epoch
-    model = crashed / "models/model"  # DVC removed the old one before train ran: none, or whole
+    model = crashed / "models/model"  # persisted: the last good one, or none, never half
     assert not model.exists() or (model / "model.safetensors").exists()
-    assert not (crashed / "metrics/train.json").exists()  # train never got to write it
+    # train never got to write: its persisted outputs are the ones from before the run
+    assert (crashed / "metrics/train.json").read_bytes() == metrics_before
 
     run = dvc(crashed, "repro", "evaluate")
     assert run.returncode == 0, run.stderr[-3000:]
