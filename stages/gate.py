@@ -115,6 +115,22 @@ def version_of(client, name: str, run_id: str, model_id: str, tags: dict[str, st
     return int(version.version)  # a str from a tracking server, an int from a sqlite store
 
 
+def set_alias(client, name: str, alias: str, version: int, attempts: int = 5) -> None:
+    """Point `alias` at `version`. MLflow's SQL store sets an alias by look-up then insert, so two
+    gates setting the same new alias at once (a parallel queue) collide on the table's unique key;
+    the loser's retry finds the row and moves it: the last gate to finish holds the alias."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as err:
+            collided = "UNIQUE constraint" in str(err) or "duplicate key" in str(err)  # sqlite, postgres
+            if not collided or attempt == attempts - 1:
+                raise
+
+
 def register(client, name: str, run_id: str, tags: dict[str, str], passed: bool) -> int | None:
     """Register the model train logged into the run and point an alias at it: ``champion`` when it
     passed the floors, ``candidate`` when it did not (champion stays where it was). Returns the
@@ -127,7 +143,7 @@ def register(client, name: str, run_id: str, tags: dict[str, str], passed: bool)
                         "tracking.log_model: true and rerun train, or gate.registered_model: null")
     version = version_of(client, name, run_id, model_id, tags)
     client.set_model_version_tag(name, str(version), "gate.passed", str(passed).lower())
-    client.set_registered_model_alias(name, CHAMPION if passed else CANDIDATE, str(version))
+    set_alias(client, name, CHAMPION if passed else CANDIDATE, version)
     if passed and CANDIDATE in client.get_model_version(name, str(version)).aliases:
         client.delete_registered_model_alias(name, CANDIDATE)  # failed once, passes now
     return version

@@ -103,6 +103,9 @@ def test_concurrent_first_runs_in_an_empty_sqlite_store_all_land(tmp_path, monke
     assert sorted(versions.values()) == list(range(1, WORKERS + 1))
     listed = client.search_model_versions(f"name='{REGISTERED}'")
     assert sorted(v.run_id for v in listed) == sorted(runs.values())
+    # All passed, all set @champion at once: it ends on exactly one of them.
+    assert client.get_registered_model(REGISTERED).aliases["champion"] in {
+        v.version for v in listed}
 
 
 def test_gate_that_loses_the_race_to_create_the_registered_model_still_registers(
@@ -193,3 +196,33 @@ def failed_names(status: str) -> list[str]:
     """Experiment names on the `dvc queue status` lines that did not succeed."""
     return [line.split()[1] for line in status.splitlines()[1:]
             if line.split() and "Success" not in line and len(line.split()) > 1]
+
+
+def test_gate_that_loses_the_race_to_set_an_alias_moves_it(tmp_path):
+    """MLflow's SQL store inserts a new alias after looking it up; a gate that loses that race gets
+    the unique-key error and must retry (the second time the row exists and moves)."""
+    from mlflow.exceptions import MlflowException
+
+    from stages.gate import set_alias
+
+    calls = []
+
+    class Client:  # the store as a racing gate sees it: the first insert collides
+        def set_registered_model_alias(self, name, alias, version):
+            calls.append((name, alias, version))
+            if len(calls) == 1:
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                      "registered_model_aliases.name, registered_model_aliases.alias")
+
+    set_alias(Client(), REGISTERED, "champion", 3)
+    assert calls == [(REGISTERED, "champion", "3")] * 2
+
+    class Broken:  # any other error is the user's to see, at once
+        def set_registered_model_alias(self, name, alias, version):
+            calls.append(alias)
+            raise MlflowException("Registered model version 3 not found")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="not found"):
+        set_alias(Broken(), REGISTERED, "champion", 3)
+    assert calls == ["champion"]
