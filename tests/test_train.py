@@ -62,6 +62,21 @@ def test_length_grouped_sampler_yields_each_index_once_and_groups_lengths():
     assert mean_spread(epochs[0]) < mean_spread(shuffled) / 5
 
 
+def test_length_grouped_batches_mix_two_kinds_of_rows_through_the_epoch():
+    """60 short rows of one task and 60 long of another, fewer than one mega-batch: the batches
+    are pure (grouped) but the kinds alternate through the epoch instead of one half each."""
+    lengths = [10] * 60 + [40] * 59 + [43] + [5, 5, 5]  # and a last batch of 3
+    order = lit.length_grouped_order(lengths, batch_size=6, seed=0)
+    assert sorted(order) == list(range(123))
+    batches = [order[k : k + 6] for k in range(0, 120, 6)]
+    kinds = ["short" if max(lengths[i] for i in b) == 10 else "long" for b in batches]
+    assert kinds.count("short") == 10  # every batch holds one kind: grouping still works
+    first_half = kinds[:10]
+    assert 2 <= first_half.count("short") <= 8, kinds  # in order it would be all long, then short
+    assert max(lengths[i] for i in batches[0]) == 43  # the longest batch first: OOM at step 1
+    assert sorted(order[120:]) == [120, 121, 122]  # the short batch stays last
+
+
 def test_plain_shuffle_is_also_fixed_by_seed_and_epoch():
     sampler = lit.EpochSampler([5] * 50, batch_size=4, seed=3, group=False)
     first = list(sampler)

@@ -24,17 +24,29 @@ from lmforge.training.resume import ResumableLoader
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list:
-    """Shuffle, then sort by length (longest first) inside mega-batches of ``mega`` batches.
+    """Shuffle, sort by length inside mega-batches of ``mega`` batches, then shuffle the batches.
 
-    Consecutive ``batch_size`` chunks of the result hold similar lengths (little padding), while the
-    mega-batch shuffle keeps the batches different for every seed (epoch).
+    Consecutive ``batch_size`` chunks of the result hold similar lengths (little padding). The batch
+    order is shuffled too: in order, a set smaller than one mega-batch would run longest to shortest
+    every epoch, and on data whose kinds differ in length (two tasks) the model would see one kind,
+    then the other, and forget the first. The longest batch goes first, so an out-of-memory shows
+    at the first step (as transformers' LengthGroupedSampler does).
     """
-    perm = np.random.default_rng(seed).permutation(len(lengths))
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(lengths))
     size = batch_size * mega
     order: list[int] = []
     for start in range(0, len(perm), size):
         order += sorted(perm[start : start + size].tolist(), key=lambda i: -lengths[i])
-    return order
+    # Full batches only: the DataLoader cuts the indices into batch_size chunks in turn, so a short
+    # batch must stay last or every chunk after it would straddle two batches.
+    full = len(order) - len(order) % batch_size
+    batches = [order[i : i + batch_size] for i in range(0, full, batch_size)]
+    if not batches:
+        return order
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    rest = [batches[b] for b in rng.permutation(len(batches)).tolist() if b != longest]
+    return [i for batch in [batches[longest], *rest] for i in batch] + order[full:]
 
 
 class EpochSampler(Sampler[int]):
