@@ -41,6 +41,7 @@ PUBLIC_PREFIXES = ("/static_content/",)
 # RFC 6750 b64token: what may follow "Bearer " in the header; a key outside it could never be sent.
 TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 REALM = b'Bearer realm="lmforge"'
+MISSING_KEY = "missing API key: send it as the header 'Authorization: Bearer <key>'"
 
 
 class StartupRefused(BentoMLException):
@@ -184,8 +185,7 @@ class ApiKeyGuard:
         """None for a valid key, else (the answer's error, the log's reason)."""
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
         if header is None:
-            return ("missing API key: send it as the header 'Authorization: Bearer <key>'",
-                    "no key")
+            return MISSING_KEY, "no key"
         scheme, _, token = header.strip().partition(b" ")
         if scheme.lower() != b"bearer":
             return ("the Authorization header must use the Bearer scheme: "

@@ -29,10 +29,11 @@ import bentoml
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
 
+from bento.apidocs import ApiDocs, describe
 from bento.auth import ApiKeyGuard, check_startup, check_worker, deploy_host
 from bento.decoding import Delta, Engine, Sampling
-from bento.limits import RequestGuard, max_body_bytes, traffic
-from bento.openai_api import create_app
+from bento.limits import RequestGuard, log_client_errors_as_warnings, max_body_bytes, traffic
+from bento.openai_api import create_app, openai_examples
 from bento.prompts import drop_oldest_exchange, fit_context, format_prompt, stop_id_set
 
 
@@ -61,7 +62,9 @@ EXAMPLE = "Once upon a time"
 Prompt = Annotated[str, Field(max_length=LIMITS["max_chars"])]
 
 
-class Options(BaseModel):
+# The request models are bentoml.IODescriptor: BentoML names them as they are (in the OpenAPI
+# document and its 400 errors), not GenerateRequestIODescriptor.
+class Options(bentoml.IODescriptor):
     """Decoding options shared by both endpoints. Types are strict ("5" is not 5); unknown keys
     are refused: a misspelled option must not pass silently."""
 
@@ -92,7 +95,7 @@ class StreamRequest(Options):
     prompt: Prompt
 
 
-class NoInput(BaseModel):
+class NoInput(bentoml.IODescriptor):
     """Body of POST /metadata: none (an empty object)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {}})
@@ -229,17 +232,33 @@ class Generator:
     @bentoml.api(route="/metadata", input_spec=NoInput)
     def metadata(self) -> dict:
         """The model tag, its prompt format, lineage labels and serving limits."""
-        stored = self.bento_model
-        return {"model_tag": str(stored.tag), "task": INFO["task"], "format": INFO["format"],
-                "template": INFO["template"], "context": INFO["context"],
-                "lineage": dict(stored.info.labels),
-                "limits": {**LIMITS, "max_new_tokens": MAX_NEW_TOKENS}}
+        return metadata_answer()
+
+
+def metadata_answer() -> dict:
+    """The answer of POST /metadata: read from the stored model, none of it from the weights."""
+    return {"model_tag": str(MODEL.tag), "task": INFO["task"], "format": INFO["format"],
+            "template": INFO["template"], "context": INFO["context"],
+            "lineage": dict(MODEL.stored.info.labels),
+            "limits": {**LIMITS, "max_new_tokens": MAX_NEW_TOKENS}}
+
+
+def answer_examples() -> dict[str, object]:
+    """The 200 examples of the API description: /metadata's real answer; for the others, answers
+    in their exact format to their request examples (the text is illustrative)."""
+    text = " there was a kettle that boiled water fast."
+    return {"/generate": [{"text": text, "tokens": 11, "finish_reason": "eos"}],
+            "/generate_stream": text, "/metadata": metadata_answer(),
+            **openai_examples(ARGS.model.removesuffix(":latest"), text)}
 
 
 # As the classifier's: the key check outermost, then the body bound (max_texts prompts of
 # max_chars, plus a few small options).
 Generator.add_asgi_middleware(ApiKeyGuard, key_env=LIMITS.get("api_key_env"))
 Generator.add_asgi_middleware(RequestGuard, max_bytes=max_body_bytes(LIMITS))
+Generator.add_asgi_middleware(ApiDocs, title="lmforge language model", spec=lambda: describe(
+    Generator, {**LIMITS, "timeout_s": TIMEOUT_S}, answer_examples()))
+log_client_errors_as_warnings()
 # As in bento/service.py: name the list response's media type once instead of BentoML deriving it
 # from a freshly built JSON schema on every response.
 Generator.apis["generate"].output_spec.media_type = "application/json"

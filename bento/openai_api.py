@@ -235,6 +235,25 @@ def create_app(backend: Callable[[], object], model_id: str, max_items: int, max
     return app
 
 
+def openai_examples(model_id: str, text: str) -> dict[str, dict]:
+    """The 200 examples of the /v1 routes in the API description (bento/apidocs.py): answers in
+    OpenAI's format to the request examples, the generated ``text`` illustrative."""
+    name, head = model_id.split(":")[0], {"created": 1767225600, "system_fingerprint": None}
+    tokens = usage(12, 11)
+    return {
+        "/v1/models": {"object": "list", "data": [{"id": name, "object": "model",
+                                                   "created": head["created"], "owned_by": "lmforge"}]},
+        "/v1/chat/completions": {
+            "id": "chatcmpl-0123456789abcdef01234567", "object": "chat.completion", "model": name,
+            **head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": None, "finish_reason": "stop"}], "usage": tokens},
+        "/v1/completions": {
+            "id": "cmpl-0123456789abcdef01234567", "object": "text_completion", "model": name,
+            **head, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                 "finish_reason": "stop"}], "usage": tokens},
+    }
+
+
 async def chat_chunks(head: dict, events: AsyncIterator[Delta | Done],
                       include_usage: bool) -> AsyncIterator[bytes]:
     """chat.completion.chunk events: the role, the content as it comes, the finish reason, the

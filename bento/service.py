@@ -29,9 +29,10 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
 
+from bento.apidocs import ApiDocs, describe
 from bento.auth import ApiKeyGuard, check_startup, check_worker, deploy_host
 from bento.batching import Batcher, length_chunks
-from bento.limits import RequestGuard, max_body_bytes, traffic
+from bento.limits import RequestGuard, log_client_errors_as_warnings, max_body_bytes, traffic
 
 
 class Args(BaseModel):
@@ -57,7 +58,9 @@ Text = Annotated[str, Field(max_length=LIMITS["max_chars"])]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=LIMITS["max_texts"])]
 
 
-class ClassifyRequest(BaseModel):
+# The request models are bentoml.IODescriptor: BentoML names them as they are (in the OpenAPI
+# document and its 400 errors), not ClassifyRequestIODescriptor.
+class ClassifyRequest(bentoml.IODescriptor):
     """Body of POST /classify. Unknown keys are refused: a misspelled option must not pass silently."""
 
     model_config = ConfigDict(extra="forbid",
@@ -66,7 +69,7 @@ class ClassifyRequest(BaseModel):
     all_scores: bool = Field(False, description="Also return every class's probability.")
 
 
-class NoInput(BaseModel):
+class NoInput(bentoml.IODescriptor):
     """Body of POST /metadata: none (an empty object)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {}})
@@ -209,15 +212,32 @@ class Classifier:
     @bentoml.api(route="/metadata", input_spec=NoInput)
     def metadata(self) -> dict:
         """The model tag, its classes, runtime, lineage labels and serving limits."""
-        stored = self.bento_model
-        return {"model_tag": str(stored.tag), "labels": self.labels,
-                "runtime": INFO.get("runtime", "torch"), "lineage": dict(stored.info.labels),
-                "limits": LIMITS}
+        return metadata_answer(self.labels)
+
+
+def metadata_answer(labels: list[str]) -> dict:
+    """The answer of POST /metadata: read from the stored model, none of it from the weights."""
+    return {"model_tag": str(MODEL.tag), "labels": labels, "runtime": INFO.get("runtime", "torch"),
+            "lineage": dict(MODEL.stored.info.labels), "limits": LIMITS}
+
+
+def answer_examples() -> dict[str, object]:
+    """The 200 examples of the API description: /metadata's real answer, and /classify's for the
+    request example with this model's classes (the scores are illustrative)."""
+    labels = INFO.get("labels") or ["<class>"]  # packaged before the labels were stored: none
+    guesses = [(labels[-1], 0.93), (labels[0], 0.88)]
+    return {"/classify": [{"label": label, "score": score, "scores": None}
+                          for label, score in guesses[:len(EXAMPLE)]],
+            "/metadata": metadata_answer(labels)}
 
 
 # The key check first (the outer one): a caller without a key gets 401 before a byte is read.
 Classifier.add_asgi_middleware(ApiKeyGuard, key_env=LIMITS.get("api_key_env"))
 Classifier.add_asgi_middleware(RequestGuard, max_bytes=max_body_bytes(LIMITS))
+# GET / and /docs.json: the API description, with real examples and every status (bento/apidocs.py).
+Classifier.add_asgi_middleware(ApiDocs, title="lmforge classifier", spec=lambda: describe(
+    Classifier, LIMITS, answer_examples()))
+log_client_errors_as_warnings()  # a client's 400 is a WARNING line, not an ERROR with a traceback
 # BentoML works out the response's media type from the output model's JSON schema, built anew for
 # every response of an API returning a list (a root model): ~10% of the event loop's time per
 # request in a profile at concurrency 1. Naming it once skips that.

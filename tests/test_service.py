@@ -158,6 +158,22 @@ def test_openapi_page_has_a_working_example_for_every_endpoint(server):
     assert_every_example_works(url, {"/classify", "/metadata"}, timeout_s=30)
 
 
+def test_a_bad_request_is_one_warning_line_in_the_server_log(server, packaged):
+    """BentoML logs a refused request as an ERROR with a traceback; ours is a WARNING line naming
+    the problem (bento/limits.py ClientErrorsAsWarnings; tests/test_api_docs.py has the 500)."""
+    url, _ = server
+    log = packaged[1].parent / "serve.log"
+    assert classify(url, {"texts": ["fine"], "all_scorez": True}).status_code == 400
+    deadline, lines = time.monotonic() + 10, []
+    while not lines and time.monotonic() < deadline:  # the worker's lines reach the file async
+        lines = [line for line in log.read_text().splitlines() if "all_scorez" in line]
+        time.sleep(0.2)
+    assert len(lines) == 1, log.read_text()[-3000:]
+    assert "[WARNING]" in lines[0]
+    assert "refused POST /classify: 400 all_scorez: Extra inputs are not permitted" in lines[0]
+    assert "Traceback" not in log.read_text() and "Exception on" not in log.read_text()
+
+
 def test_metadata_names_the_model_and_its_lineage(server):
     url, info = server
     resp = httpx.post(f"{url}/metadata", timeout=10)
