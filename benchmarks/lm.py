@@ -2,9 +2,10 @@
 
     python -m benchmarks.lm shakespeare   # pretraining from scratch on Tiny Shakespeare
     python -m benchmarks.lm multi30k      # en->de pairs from Multi30k as instruction tuning
+    python -m benchmarks.lm multi30k_chat # the same pairs as conversations (chat template)
 
 Reads ../shared/datasets (never copied into the repo): in a temp `git clone` of this repo it writes
-the source, applies the overlay examples/lm_pretrain.yaml or examples/lm_instruct.yaml to the
+the source, applies the overlay examples/lm_pretrain.yaml, lm_instruct.yaml or chat_sft.yaml to the
 committed params.yaml and then the overrides below (LM_* environment variables change the budget),
 runs `dvc repro evaluate` and prints test perplexity before/after training, BLEU/ROUGE-L for pairs,
 and training tokens/s.
@@ -76,6 +77,24 @@ def multi30k(clone: Path) -> tuple[str, dict]:
     }
 
 
+def multi30k_chat(clone: Path) -> tuple[str, dict]:
+    """multi30k's rows, model and budget, as conversations: user the English sentence, assistant
+    the German one, rendered with the default chat template instead of "English: ...\nGerman: "."""
+    _, overrides = multi30k(clone)
+    folder = clone / "data" / "multi30k"
+    for split in ("train", "validation", "test"):
+        pairs = pd.read_csv(folder / f"{split}.csv")
+        rows = [{"messages": [{"role": "user", "content": en}, {"role": "assistant", "content": de}]}
+                for en, de in zip(pairs["source"], pairs["target"], strict=True)]
+        pd.DataFrame(rows).to_json(folder / f"{split}.jsonl", orient="records", lines=True,
+                                   force_ascii=False)
+        (folder / f"{split}.csv").unlink()
+    overrides["data"] = {"source": "data/multi30k"}
+    overrides["prepare"] = {"max_length": 128}
+    overrides["gate"] = {"floors": {"bleu": {"min": 0}}}
+    return "chat_sft.yaml", overrides
+
+
 def apply(clone: Path, example: str, overrides: dict) -> None:
     """params.yaml := the clone's params.yaml + the example overlay + ``overrides`` (same merge)."""
     params = apply_overlay(yaml.safe_load((clone / "params.yaml").read_text()),
@@ -85,7 +104,7 @@ def apply(clone: Path, example: str, overrides: dict) -> None:
 
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else ""
-    setups = {"shakespeare": shakespeare, "multi30k": multi30k}
+    setups = {"shakespeare": shakespeare, "multi30k": multi30k, "multi30k_chat": multi30k_chat}
     if which not in setups:
         sys.exit(f"usage: python -m benchmarks.lm {{{'|'.join(setups)}}}")
     if not SHARED.is_dir():

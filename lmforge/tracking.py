@@ -29,6 +29,7 @@ MODEL_NAME = "model"  # the logged model's name in the run
 EXAMPLE_TOKENS = 16  # plain-text causal_lm: tokens of a block that make an example prompt
 DATASET_CONTEXT = {"train": "training", "validation": "validation", "test": "testing"}
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")  # the logged model's loader
+TRAINED, ALIGNED = 0, 1  # the step a model is logged at in the run's outputs: by train, by align
 # A key segment naming a secret: hf_token, api_key, AWS_SECRET_ACCESS_KEY, db.password, auth...
 # Whole segments only, so `tokenizer` or `max_tokens` stay readable.
 SECRET_KEY = re.compile(
@@ -238,11 +239,13 @@ def run_id(path: Path) -> str:
     return read_json(path, "run `dvc repro train` first")["run_id"]
 
 
-def logged_model_id(client, run_id: str) -> str | None:
-    """The model train logged into the run (its newest, should there be several), or None."""
+def logged_model_id(client, run_id: str, step: int = TRAINED) -> str | None:
+    """The model logged into the run at ``step`` (TRAINED: train's, ALIGNED: align's), the newest
+    should there be several (align re-run with new params), or None."""
     outputs = client.get_run(run_id).outputs
-    models = outputs.model_outputs if outputs else []
-    return max(models, key=lambda m: m.step).model_id if models else None
+    ids = [m.model_id for m in (outputs.model_outputs if outputs else []) if m.step == step]
+    created = {i: client.get_logged_model(i).creation_timestamp for i in ids}
+    return max(ids, key=created.get) if ids else None
 
 
 def requirements() -> list[str]:
@@ -268,9 +271,10 @@ def signature(kind: str):
                           Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
 
 
-def log_model(params: Params, model_dir: Path, examples: list[str]) -> str:
+def log_model(params: Params, model_dir: Path, examples: list[str], step: int = TRAINED) -> str:
     """Log ``model_dir`` into the active run as an MLflow pyfunc model (lmforge/mlflow_model.py),
     with its signature, ``examples`` as input example, and pinned requirements; returns its id.
+    ``step`` tells train's model (TRAINED) from align's (ALIGNED) in the run's outputs.
 
     MLflow loads it once here, to check that the example predicts.
     """
@@ -289,7 +293,7 @@ def log_model(params: Params, model_dir: Path, examples: list[str]) -> str:
             artifacts={"model": str(model_dir), "settings": str(settings)},
             signature=signature(params.task),
             input_example=pd.DataFrame({"prompt" if causal else "text": examples}),
-            pip_requirements=requirements())
+            pip_requirements=requirements(), step=step)
     return info.model_id
 
 

@@ -39,12 +39,15 @@ def write_model(policy, tokenizer, meta: dict, info: dict, folder: Path) -> None
         f.chmod(0o644)
 
 
-def log_to_run(params: Params, curves: list[dict], summary: dict, files: list[Path]) -> None:
-    """Curves (per step), summary and files into the pipeline's run, under align/."""
+def log_to_run(params: Params, curves: list[dict], summary: dict, files: list[Path],
+               model_dir: Path) -> None:
+    """Curves (per step), summary and files into the pipeline's run, under align/; and
+    (tracking.log_model) the aligned model, which gate then registers instead of train's."""
     import mlflow
     from mlflow.entities import Metric
 
     from lmforge import tracking
+    from lmforge.alignment.data import read_split
 
     with tracking.resume_run(params) as run:
         now = int(time.time() * 1000)
@@ -58,6 +61,9 @@ def log_to_run(params: Params, curves: list[dict], summary: dict, files: list[Pa
         mlflow.set_tags(tracking.flat_params(params, ("align",)))  # tags: a re-run may change them
         for f in files:
             mlflow.log_artifact(str(f), "align")
+        if params.tracking.log_model:
+            prompts = read_split(params.paths.interim, "train", {params.data.prompt_column: "p"})
+            tracking.log_model(params, model_dir, prompts["p"].head(3).tolist(), tracking.ALIGNED)
 
 
 def write_curves(curves: list[dict], path: Path) -> None:
@@ -107,7 +113,7 @@ def main(params: Params | None = None) -> dict:
         plots_dir.mkdir()
         write_curves(curves, plots_dir / CURVES)
         write_json(metrics_file, summary)
-        log_to_run(params, curves, summary, [metrics_file, plots_dir / CURVES])
+        log_to_run(params, curves, summary, [metrics_file, plots_dir / CURVES], model_dir)
     ckpts.finish()
     print(f"align: {summary} -> {paths.aligned}")
     return summary

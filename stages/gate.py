@@ -97,11 +97,12 @@ def create_registered_model(client, name: str) -> None:
 
 
 def version_of(client, name: str, run_id: str, model_id: str, tags: dict[str, str]) -> int:
-    """The run's version of `name`, created from its logged model (models:/<id>) the first time:
-    one version per trained model, however often it is gated."""
+    """The version of `name` made from the run's logged model (models:/<id>), created the first
+    time: one version per trained (or aligned) model, however often it is gated."""
     from mlflow.exceptions import MlflowException
 
-    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    existing = [v for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+                if v.source == f"models:/{model_id}"]
     if existing:
         return max(int(v.version) for v in existing)
     try:
@@ -131,16 +132,19 @@ def set_alias(client, name: str, alias: str, version: int, attempts: int = 5) ->
                 raise
 
 
-def register(client, name: str, run_id: str, tags: dict[str, str], passed: bool) -> int | None:
-    """Register the model train logged into the run and point an alias at it: ``champion`` when it
-    passed the floors, ``candidate`` when it did not (champion stays where it was). Returns the
-    version; None when a failed run logged no model (the floors' failure is the message)."""
-    model_id = tracking.logged_model_id(client, run_id)
+def register(client, name: str, run_id: str, tags: dict[str, str], passed: bool,
+             aligned: bool = False) -> int | None:
+    """Register the model train (``aligned``: align) logged into the run and point an alias at
+    it: ``champion`` when it passed the floors, ``candidate`` when it did not (champion stays where
+    it was). Returns the version; None when a failed run logged no model (the floors' failure is
+    the message)."""
+    step, stage = (tracking.ALIGNED, "align") if aligned else (tracking.TRAINED, "train")
+    model_id = tracking.logged_model_id(client, run_id, step)
     if model_id is None:
         if not passed:
             return None
-        raise UserError(f"MLflow run {run_id} holds no logged model to register: set "
-                        "tracking.log_model: true and rerun train, or gate.registered_model: null")
+        raise UserError(f"MLflow run {run_id} holds no model logged by {stage} to register: set "
+                        f"tracking.log_model: true and rerun {stage}, or gate.registered_model: null")
     version = version_of(client, name, run_id, model_id, tags)
     client.set_model_version_tag(name, str(version), "gate.passed", str(passed).lower())
     set_alias(client, name, CHAMPION if passed else CANDIDATE, version)
@@ -161,7 +165,9 @@ def record_in_mlflow(params: Params, verdict: dict, metrics: dict) -> int | None
             return None
         client = mlflow.MlflowClient(tracking.tracking_uri(params.tracking))
         tags = version_tags(run.data.tags, metrics)
-        return register(client, name, run.info.run_id, tags, verdict["passed"])
+        # Evaluate scored align's model when it wrote one: that model is the one to register.
+        return register(client, name, run.info.run_id, tags, verdict["passed"],
+                        aligned="align" in metrics)
 
 
 def main(params: Params | None = None) -> dict:

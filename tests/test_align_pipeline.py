@@ -1,6 +1,7 @@
 """Stage align through `dvc repro`, in one copy of the repo on the DPO example shrunk to a tiny
 model and 60 preference rows: off it changes nothing downstream; a bad reward function stops the
-pipeline before evaluate; a run killed mid-way resumes and ends byte-identical to an unkilled one."""
+pipeline before evaluate; a run killed mid-way resumes and ends byte-identical to an unkilled one,
+and gate registers the aligned model."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from lmforge.overlay import Replace, apply_overlay, load_overlay
-from tests.helpers import copy_repo, dvc
+from tests.helpers import copy_repo, dvc, mlflow_client
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +141,14 @@ def test_align_killed_mid_run_resumes_and_ends_as_an_unkilled_run(repo):
     assert summary["steps"] == 300
     ev = json.loads((repo / "metrics/eval.json").read_text())
     assert set(ev["align"]) == {"exact_match", "preference_accuracy", "margin"}
+    # gate registered align's model (logged at step ALIGNED), not train's (step TRAINED)
+    client = mlflow_client(repo)
+    run_id = json.loads((repo / "models/run.json").read_text())["run_id"]
+    steps = {m.model_id: m.step for m in client.get_run(run_id).outputs.model_outputs}
+    assert sorted(steps.values()) == [0, 1]
+    version = json.loads((repo / "metrics/gate.json").read_text())["registered_version"]
+    registered = client.get_model_version("lmforge-lm", str(version))
+    assert steps[registered.source.removeprefix("models:/")] == 1
 
     # The same run, never killed: align alone, with its checkpoints cleared.
     subprocess.run(["rm", "-rf", "models/align_checkpoints"], cwd=repo, check=True)
