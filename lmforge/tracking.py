@@ -174,10 +174,12 @@ def lineage_tags(data_hash: str, ignore: Iterable[Path] = ()) -> dict[str, str]:
 
 
 def params_hash(params: Params) -> str:
-    """SHA-256 of the resolved MODEL_SECTIONS as sorted-key JSON: equal params, equal hash (the
-    packaged model's params_sha256 label, matched by `lmforge lineage`)."""
+    """SHA-256 of the resolved MODEL_SECTIONS, and ``align`` while align is on, as sorted-key
+    JSON: equal params, equal hash (the packaged model's params_sha256 label, matched by
+    `lmforge lineage`). Align off leaves the hash as it was without the stage."""
     dumped = params.model_dump(mode="json", by_alias=True)
-    blob = json.dumps({name: dumped[name] for name in MODEL_SECTIONS}, sort_keys=True,
+    sections = MODEL_SECTIONS + (("align",) if params.align.method != "none" else ())
+    blob = json.dumps({name: dumped[name] for name in sections}, sort_keys=True,
                       separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

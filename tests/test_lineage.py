@@ -72,8 +72,13 @@ def test_params_hash_covers_exactly_the_sections_that_shape_the_model():
                             ("prepare", {"max_length": 64}), ("model", {"source": "x"})]:
         assert tracking.params_hash(_with(base, section, **change)) != digest, section
     for section, change in [("serve", {"max_texts": 3}), ("evaluate", {"batch_size": 2}),
-                            ("tracking", {"uri": "http://127.0.0.1:1"})]:
+                            ("tracking", {"uri": "http://127.0.0.1:1"}),
+                            ("align", {"learning_rate": 0.5})]:  # align off: it shapes nothing
         assert tracking.params_hash(_with(base, section, **change)) == digest, section
+    aligned = _with(base, "align", method="grpo")  # align on: its knobs shape the served model
+    assert tracking.params_hash(aligned) != digest
+    assert tracking.params_hash(_with(aligned, "align", learning_rate=0.5)) != tracking.params_hash(
+        aligned)
 
 
 def test_consistency_says_match_mismatch_or_not_found():
