@@ -196,7 +196,8 @@ def test_registry_off_and_model_not_logged(stage, tmp_path):
     train_run(off, log_model=False)
     assert gate.main(off)["registered_version"] is None
     assert MlflowClient(params.tracking.uri).search_registered_models() == []
-    with pytest.raises(UserError, match="holds no model logged by train to register"):  # registry on, nothing to register
+    # registry on, nothing to register
+    with pytest.raises(UserError, match="holds no model logged by train to register"):
         gate.main(params)
 
 
