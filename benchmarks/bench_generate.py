@@ -30,12 +30,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.bench_serve import machine
-from benchmarks.serve_load import ServeError, percentile, serving
+from benchmarks.serve_load import ServeError, percentile, run_benchmark, save_report, serving
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_SAMPLE = REPO / "data" / "sample" / "chat.jsonl"
@@ -277,17 +276,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
-    try:
-        report = measure(args, work)
-    except ServeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    report, work = run_benchmark(measure, args, "bench_generate_")
     print_report(report)
     print(f"\nserver logs: {work}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(report, args.json)
 
 
 if __name__ == "__main__":

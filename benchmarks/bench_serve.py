@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -34,7 +33,9 @@ from benchmarks.serve_load import (
     ServeError,
     errors_text,
     latency_ms,
+    run_benchmark,
     run_fixed,
+    save_report,
     serving,
     status_counts,
     tree_rss_mb,
@@ -271,18 +272,10 @@ def measure(args: argparse.Namespace, log_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    log_dir = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    try:
-        report = measure(args, log_dir)
-    except ServeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    report, log_dir = run_benchmark(measure, args, "bench_serve_")
     print_report(report)
     print(f"\nserver logs: {log_dir}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"figures written to {args.json}")
+    save_report(report, args.json)
 
 
 if __name__ == "__main__":

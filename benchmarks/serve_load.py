@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,6 +32,25 @@ START_TIMEOUT_S = 180  # MiniLM loads in seconds, but two other engineers share 
 
 class ServeError(RuntimeError):
     """The server under test did not start: nothing can be measured."""
+
+
+def run_benchmark(measure: Callable[[object, Path], dict], args, prefix: str) -> tuple[dict, Path]:
+    """``measure(args, folder)`` with a fresh temp folder for the servers' logs: (report, folder).
+    A server that would not start (ServeError) ends the program with its message, exit code 2."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return measure(args, folder), folder
+    except ServeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def save_report(report: dict, path: Path | None) -> None:
+    """The report as JSON at ``path`` (the benchmarks' --json), when one is given."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"figures written to {path}")
 
 
 def free_port() -> int:

@@ -27,7 +27,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -43,7 +42,9 @@ from benchmarks.serve_load import (
     drive,
     errors_text,
     latency_ms,
+    run_benchmark,
     run_fixed,
+    save_report,
     serving,
     status_counts,
     tree_rss_mb,
@@ -283,17 +284,9 @@ def print_report(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    log = Path(tempfile.mkdtemp(prefix="soak_serve_")) / "bentoml.log"
-    try:
-        report = soak(args, log)
-    except ServeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    report, _ = run_benchmark(lambda a, folder: soak(a, folder / "bentoml.log"), args, "soak_serve_")
     print_report(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"figures written to {args.json}")
+    save_report(report, args.json)
     probe_5xx = [f for f in report["probe_not_4xx"] if isinstance(f["status"], int) and f["status"] >= 500]
     if report["total_5xx"] or probe_5xx or report["good_failed"] \
             or report["after_soak"]["good_request_status"] != 200:
