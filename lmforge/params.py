@@ -100,6 +100,11 @@ class SplitFractions(Section):
 
     validation: float = Field(0.1, gt=0, lt=1, description="Share of rows for validation.")
     test: float = Field(0.1, gt=0, lt=1, description="Share of rows for test.")
+    method: Literal["shuffle", "hash"] = Field(
+        "shuffle", description="shuffle: a seeded permutation, stratified by label for "
+        "classification (exact shares per class; needs one small integer per row in memory). "
+        "hash: each row goes where a seeded hash of its key columns falls (shares hold on "
+        "average; needs nothing in memory, and a row keeps its split when others are added).")
 
     @model_validator(mode="after")
     def _leave_rows_for_train(self) -> SplitFractions:
@@ -109,6 +114,15 @@ class SplitFractions(Section):
                 "their sum must be below 1"
             )
         return self
+
+
+class Spark(Section):
+    """data.engine spark: where Spark runs."""
+
+    master: str = Field("local[*]", description="Spark master URL: local[N] on this machine, "
+                        "spark://host:7077, yarn, k8s://...; ignored under spark-submit, which sets it.")
+    conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark settings, e.g. "
+                                 "spark.driver.memory: 4g.")
 
 
 class Cleaning(Section):
@@ -163,9 +177,16 @@ class Data(Section):
         description="The label set in id order; null derives it from the train split "
         "(sorted, numerically when every label is an integer).",
     )
-    seed: int = Field(42, description="Seed of the stratified split.")
+    seed: int = Field(42, description="Seed of the split (data.split.method).")
     split: SplitFractions = SplitFractions()
     clean: Cleaning = Cleaning()
+    engine: Literal["local", "spark"] = Field(
+        "local", description="What runs ingest and validate: local streams the source in batches on "
+        "this machine (memory does not grow with the source); spark runs them on Apache Spark "
+        "(data.spark.master). Outputs are the same either way (docs/scaling.md).")
+    batch_rows: int = Field(100_000, ge=1, description="Rows per batch the local engine reads, "
+                            "cleans, validates and writes at a time (memory grows with it).")
+    spark: Spark = Spark()
 
     @field_validator("labels")
     @classmethod

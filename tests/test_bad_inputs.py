@@ -118,7 +118,7 @@ def test_after_a_failed_ingest_restoring_the_source_needs_no_rerun(repo):
 @pytest.mark.slow
 def test_changed_source_content_changes_the_hash_and_reruns_the_data_stages(repo):
     before = json.loads((repo / "metrics/data.json").read_text())
-    interim = (repo / "data/interim/train.parquet").read_bytes()
+    interim = sha256_of(repo / "data/interim/train.parquet")
     make_rows(n_per_class=12, seed=4).to_csv(repo / SOURCE, index=False)
     status = dvc(repo, "status", "--with-deps", "prepare").stdout
     assert "ingest:" in status and "modified:           data/tiny.csv" in status
@@ -129,7 +129,7 @@ def test_changed_source_content_changes_the_hash_and_reruns_the_data_stages(repo
     after = json.loads((repo / "metrics/data.json").read_text())
     assert after["source_sha256"] != before["source_sha256"]
     assert after["source_sha256"] == sha256_of(repo / "data/raw")
-    assert (repo / "data/interim/train.parquet").read_bytes() != interim  # persisted, yet replaced
+    assert sha256_of(repo / "data/interim/train.parquet") != interim  # persisted, yet replaced
     assert (repo / "data/raw/tiny.csv").read_bytes() == (repo / SOURCE).read_bytes()
     assert "up to date" in dvc(repo, "status", "--with-deps", "prepare").stdout
 
@@ -267,11 +267,11 @@ def test_a_run_killed_mid_write_leaves_nothing_that_the_next_run_keeps(tmp_path)
     params = parse_params({"paths": tmp_paths(tmp_path), "data": {"source": str(src)}})
     interim = params.paths.interim
     ingest.main(params)
-    good = (interim / "train.parquet").read_bytes()
+    good = sha256_of(interim / "train.parquet")
     # What a kill between the two renames of replace_dir leaves: a half-written folder and the old one.
     (interim.parent / ".interim.new").mkdir()
     (interim.parent / ".interim.new" / "train.parquet").write_bytes(b"half")
     interim.rename(interim.parent / ".interim.old")
     ingest.main(params)
-    assert (interim / "train.parquet").read_bytes() == good
+    assert sha256_of(interim / "train.parquet") == good
     assert sorted(p.name for p in interim.parent.iterdir()) == ["interim", "raw"]

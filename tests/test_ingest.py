@@ -10,6 +10,8 @@ import pytest
 
 from lmforge.common import UserError
 from lmforge.params import parse_params
+from lmforge.data.cleaning import clean_table, labels_as_strings
+from lmforge.data.splitting import random_indices, stratified_indices
 from stages import ingest
 
 
@@ -20,7 +22,7 @@ def test_clean_normalizes_collapses_and_counts_drops():
         "label": ["a", "a", "a", "b", "b", "b", "a"],
     })
     df["label"] = df["label"].astype("string")
-    out, dropped = ingest.clean_table(df, data)
+    out, dropped = clean_table(df, data)
     # NFKC folds the ligature and full-width letter, so two pairs become exact duplicates.
     assert list(out["text"]) == ["fine product", "Good one", "x"]
     assert dropped == {"empty": 2, "duplicate": 2}
@@ -32,21 +34,30 @@ def test_cleaning_switches_are_respected():
         "drop_duplicates": False,
     }}}).data
     df = pd.DataFrame({"text": ["a  b", "a  b", " "], "label": ["x", "x", "y"]})
-    out, dropped = ingest.clean_table(df, data)
+    out, dropped = clean_table(df, data)
     assert list(out["text"]) == ["a  b", "a  b", " "]
     assert dropped == {"empty": 0, "duplicate": 0}
 
 
 def test_same_text_with_different_labels_is_not_an_exact_duplicate():
     data = parse_params({}).data
-    out, dropped = ingest.clean_table(pd.DataFrame({"text": ["t", "t"], "label": ["a", "b"]}), data)
+    out, dropped = clean_table(pd.DataFrame({"text": ["t", "t"], "label": ["a", "b"]}), data)
     assert len(out) == 2 and dropped["duplicate"] == 0
 
 
+def stratified_split(df, label, fractions, seed):
+    return {s: df.iloc[i].reset_index(drop=True)
+            for s, i in stratified_indices(df[label], fractions, seed).items()}
+
+
+def random_split(df, fractions, seed):
+    return {s: df.iloc[i].reset_index(drop=True) for s, i in random_indices(len(df), fractions, seed).items()}
+
+
 def test_stratified_split_is_seeded_disjoint_and_keeps_class_shares(rows):
-    a = ingest.stratified_split(rows, "label", {"validation": 0.25, "test": 0.25}, seed=7)
-    b = ingest.stratified_split(rows, "label", {"validation": 0.25, "test": 0.25}, seed=7)
-    c = ingest.stratified_split(rows, "label", {"validation": 0.25, "test": 0.25}, seed=8)
+    a = stratified_split(rows, "label", {"validation": 0.25, "test": 0.25}, seed=7)
+    b = stratified_split(rows, "label", {"validation": 0.25, "test": 0.25}, seed=7)
+    c = stratified_split(rows, "label", {"validation": 0.25, "test": 0.25}, seed=8)
     assert all(a[s].equals(b[s]) for s in a)
     assert not a["test"].equals(c["test"])
     texts = [set(a[s]["text"]) for s in ("train", "validation", "test")]
@@ -57,16 +68,16 @@ def test_stratified_split_is_seeded_disjoint_and_keeps_class_shares(rows):
 
 def test_stratified_split_keeps_a_train_row_for_tiny_classes():
     df = pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "x", "y"]})
-    out = ingest.stratified_split(df, "label", {"validation": 0.5, "test": 0.5}, seed=0)
+    out = stratified_split(df, "label", {"validation": 0.5, "test": 0.5}, seed=0)
     assert set(out["train"]["label"]) == {"x", "y"}
 
 
 def test_labels_ints_become_strings_and_mixes_are_refused():
-    assert list(ingest.labels_as_strings(pd.Series([1, 0, 1]), "t")) == ["1", "0", "1"]
-    floats = ingest.labels_as_strings(pd.Series([1.0, None, 0.0]), "t")
+    assert list(labels_as_strings(pd.Series([1, 0, 1]), "t")) == ["1", "0", "1"]
+    floats = labels_as_strings(pd.Series([1.0, None, 0.0]), "t")
     assert floats.iloc[0] == "1" and pd.isna(floats.iloc[1])
     with pytest.raises(UserError, match="mixes numbers and strings"):
-        ingest.labels_as_strings(pd.Series([1, "pos", 0], dtype=object), "train.jsonl")
+        labels_as_strings(pd.Series([1, "pos", 0], dtype=object), "train.jsonl")
 
 
 def _params(tmp_path, source, **data):
@@ -166,7 +177,10 @@ TEXT = "First doc, line one.\nLine  two.\n\n\n  \nSecond doc.\r\n\r\nThird\tdoc\
 
 
 def test_txt_rows_are_documents_or_lines():
-    from lmforge.data.sources import split_text
+    from lmforge.data.sources import text_rows
+
+    def split_text(text, unit):  # as the reader hands lines over: with their line ends
+        return list(text_rows(text.splitlines(keepends=True), unit))
 
     text = TEXT.replace("\r\n", "\n")
     assert split_text(text, "document") == [
@@ -206,20 +220,20 @@ def test_lm_cleaning_drops_empty_and_duplicate_pairs_and_keeps_lines():
     data = _lm_params(Path("."), "x.csv", prompt_column="q", response_column="a").data
     df = pd.DataFrame({"q": ["p1", "p1", "p2", None, "p3", "p4"],
                        "a": ["r1\n  r1b ", "r1\nr1b", "", "r", "r3", "r4"]})
-    out, dropped = ingest.clean_table(df, data, "causal_lm")
+    out, dropped = clean_table(df, data, "causal_lm")
     assert out.to_dict("list") == {"q": ["p1", "p3", "p4"], "a": ["r1\nr1b", "r3", "r4"]}
     assert dropped == {"empty": 2, "duplicate": 1}
 
 
 def test_random_split_is_seeded_disjoint_and_sized():
     df = pd.DataFrame({"text": [f"t{i}" for i in range(50)]})
-    a = ingest.random_split(df, {"validation": 0.1, "test": 0.2}, seed=1)
-    b = ingest.random_split(df, {"validation": 0.1, "test": 0.2}, seed=1)
-    c = ingest.random_split(df, {"validation": 0.1, "test": 0.2}, seed=2)
+    a = random_split(df, {"validation": 0.1, "test": 0.2}, seed=1)
+    b = random_split(df, {"validation": 0.1, "test": 0.2}, seed=1)
+    c = random_split(df, {"validation": 0.1, "test": 0.2}, seed=2)
     assert all(a[s].equals(b[s]) for s in a) and not a["test"].equals(c["test"])
     assert {s: len(d) for s, d in a.items()} == {"train": 35, "validation": 5, "test": 10}
     assert set().union(*(set(d["text"]) for d in a.values())) == set(df["text"])
-    one = ingest.random_split(df.iloc[:1], {"validation": 0.5, "test": 0.4}, seed=0)
+    one = random_split(df.iloc[:1], {"validation": 0.5, "test": 0.4}, seed=0)
     assert len(one["train"]) == 1
 
 

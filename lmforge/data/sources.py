@@ -12,7 +12,9 @@ only found here; lmforge/data/labelstudio.py reads them.
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -28,20 +30,37 @@ UNLABELED = "unlabeled"  # a folder source's file of rows to label: a text colum
 LABEL_STUDIO_DIR = "labelstudio"  # a folder source's subfolder of Label Studio JSON exports
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read one CSV/JSONL/Parquet file, turning the usual ways it can be unreadable into UserErrors."""
+def table_batches(path: Path, batch_rows: int, text_columns: list[str]) -> Iterator[pd.DataFrame]:
+    """Read one CSV/JSONL/Parquet file in batches of ``batch_rows`` rows, turning the usual ways it can
+    be unreadable into UserErrors. Format checks happen now; reading, as the batches are taken.
+
+    ``text_columns`` are read as text from a CSV: a batch of digits-only texts stays text.
+    """
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: unsupported format '{path.suffix}' (use {', '.join(FORMATS)})")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty")
+    return _table_batches(path, fmt, batch_rows, text_columns)
+
+
+def _table_batches(path: Path, fmt: str, batch_rows: int, text_columns: list[str]) -> Iterator[pd.DataFrame]:
+    columns, rows = None, 0
     try:
         if fmt == "csv":
-            df = pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""])
+            reader = pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""],
+                                 chunksize=batch_rows, dtype=dict.fromkeys(text_columns, str))
         elif fmt == "jsonl":
-            df = pd.read_json(path, lines=True, dtype=False)
+            reader = pd.read_json(path, lines=True, dtype=False, chunksize=batch_rows)
         else:
-            df = pd.read_parquet(path)
+            reader = parquet_batches(path, batch_rows)
+        for df in reader:
+            if columns is None:
+                columns = list(map(str, df.columns))
+            if len(df):
+                rows += len(df)
+                df.attrs["path"] = str(path)  # lets later checks name the file, not just the split
+                yield df
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     except pd.errors.EmptyDataError:
@@ -49,10 +68,26 @@ def read_table(path: Path) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError) as err:
         hint = delimiter_hint(first_line(path)) if fmt == "csv" else bad_json_line(path)
         raise UserError(f"{path}: cannot be read as {fmt}: {str(err).splitlines()[0]}{hint}") from None
-    if df.empty:
-        raise UserError(f"{path}: the file holds no rows (columns: {list(map(str, df.columns))})")
-    df.attrs["path"] = str(path)  # lets later checks name the file, not just the split
-    return df
+    if not rows:
+        if columns is None and fmt == "csv":
+            columns = list(map(str, pd.read_csv(path, nrows=0, encoding="utf-8").columns))
+        raise UserError(f"{path}: the file holds no rows (columns: {columns or []})")
+
+
+def parquet_batches(path: Path, batch_rows: int) -> Iterator[pd.DataFrame]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except pa.ArrowException as err:
+        raise ValueError(str(err)) from None
+    yielded = False
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        yielded = True
+        yield batch.to_pandas()
+    if not yielded:
+        yield pf.schema_arrow.empty_table().to_pandas()
 
 
 def first_line(path: Path) -> str:
@@ -96,36 +131,69 @@ def not_utf8(path: Path) -> UserError:
         )
 
 
-def split_text(text: str, unit: str) -> list[str]:
+def is_separator(line: str) -> bool:
+    """A line that only separates documents: empty, or spaces and tabs."""
+    return not line.strip(" \t")
+
+
+def text_rows(lines: Iterable[str], unit: str) -> Iterator[str]:
     """A .txt file's rows: blank-line-separated documents (their inner line breaks kept) or lines.
 
     Blank lines only separate rows: they never become rows themselves.
     """
-    pieces = re.split(r"\n[ \t]*\n", text) if unit == "document" else text.split("\n")
-    return [p.strip("\n") for p in pieces if p.strip()]
+    doc: list[str] = []
+    for line in lines:
+        line = line.rstrip("\n")
+        if unit == "line":
+            if line.strip():
+                yield line
+        elif is_separator(line):
+            if doc and "".join(doc).strip():
+                yield "\n".join(doc)
+            doc = []
+        else:
+            doc.append(line)
+    if doc and "".join(doc).strip():
+        yield "\n".join(doc)
 
 
-def read_text(path: Path, column: str, unit: str) -> pd.DataFrame:
-    """Read a UTF-8 .txt file into one text column, one row per document or line (data.text_unit)."""
-    raw = path.read_bytes()
-    if not raw:
+def text_batches(path: Path, column: str, unit: str, batch_rows: int) -> Iterator[pd.DataFrame]:
+    """Read a UTF-8 .txt file into one text column, one row per document or line (data.text_unit),
+    in batches; line ends are read as \\n whatever the file uses, and a BOM is dropped."""
+    if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty")
+    return _text_batches(path, column, unit, batch_rows)
+
+
+def _text_batches(path: Path, column: str, unit: str, batch_rows: int) -> Iterator[pd.DataFrame]:
+    def batch(rows: list[str]) -> pd.DataFrame:
+        df = pd.DataFrame({column: pd.Series(rows, dtype="string")})
+        df.attrs["path"] = str(path)
+        return df
+
+    rows, any_rows = [], False
     try:
-        text = raw.decode("utf-8-sig")  # a BOM is an encoding mark, not text
+        with path.open(encoding="utf-8-sig", newline=None) as f:  # a BOM is an encoding mark
+            for row in text_rows(f, unit):
+                rows.append(row)
+                if len(rows) == batch_rows:
+                    any_rows = True
+                    yield batch(rows)
+                    rows = []
     except UnicodeDecodeError:
         raise not_utf8(path) from None
-    rows = split_text(text.replace("\r\n", "\n").replace("\r", "\n"), unit)
-    if not rows:
+    if not rows and not any_rows:
         raise UserError(f"{path}: the file holds only whitespace")
-    df = pd.DataFrame({column: pd.Series(rows, dtype="string")})
-    df.attrs["path"] = str(path)
-    return df
+    if rows:
+        yield batch(rows)
 
 
-def read_file(path: Path, data: Data, task: str) -> pd.DataFrame:
-    """One source file: a table, or for task causal_lm also plain text (.txt)."""
+def file_batches(path: Path, data: Data, task: str, batch_rows: int) -> Iterator[pd.DataFrame]:
+    """One source file in batches: a table, or for task causal_lm also plain text (.txt)."""
+    from lmforge.data.cleaning import text_columns
+
     if path.suffix.lower() != TEXT_SUFFIX:
-        return read_table(path)
+        return table_batches(path, batch_rows, list(text_columns(data, task).values()))
     if task != CAUSAL_LM:
         raise UserError(
             f"{path}: unsupported format '{TEXT_SUFFIX}' for task {task}: plain text has no labels; "
@@ -136,7 +204,7 @@ def read_file(path: Path, data: Data, task: str) -> pd.DataFrame:
             f"{path}: a .txt file holds plain text, but data.prompt_column/response_column ask for "
             "pairs: use a table (.csv/.jsonl/.parquet) with both columns, or set both to null"
         )
-    return read_text(path, data.text_column, data.text_unit)
+    return text_batches(path, data.text_column, data.text_unit, batch_rows)
 
 
 def source_suffixes(task: str) -> tuple[str, ...]:
@@ -188,6 +256,21 @@ def label_studio_exports(data: Data, task: str = CLASSIFICATION) -> list[Path]:
     return [path] if is_label_studio_export(path) else []
 
 
+@dataclass
+class Table:
+    """One table of the source: where it comes from, and its rows in batches (read lazily)."""
+
+    name: str  # train, validation, test, unlabeled, or source for a single unsplit file
+    path: Path | None  # the file; None for a hub split
+    read: Callable[[], Iterator[pd.DataFrame]]  # each call reads the table again, from the start
+    frame: pd.DataFrame | None = None  # a table read whole (hub, conversations)
+
+    @classmethod
+    def whole(cls, name: str, df: pd.DataFrame) -> Table:
+        path = df.attrs.get("path")
+        return cls(name, Path(path) if path else None, lambda: iter([df]), df)
+
+
 def load_hub_dataset(dataset_id: str) -> dict[str, pd.DataFrame]:
     """Load every split of a hub dataset; offline this fails with a message, not a traceback."""
     import datasets
@@ -204,15 +287,18 @@ def load_hub_dataset(dataset_id: str) -> dict[str, pd.DataFrame]:
     return {renamed.get(name, name): ds.to_pandas() for name, ds in dd.items()}
 
 
-def load_source(data: Data, task: str = CLASSIFICATION) -> dict[str, pd.DataFrame]:
-    """Read the source into tables keyed by split name (``source`` for a single, unsplit file;
-    ``unlabeled`` for a folder's rows to label). Label Studio exports are left to the caller
+def load_source(data: Data, task: str = CLASSIFICATION, batch_rows: int | None = None) -> dict[str, Table]:
+    """The source's tables keyed by split name (``source`` for a single, unsplit file;
+    ``unlabeled`` for a folder's rows to label), each read in batches of ``batch_rows`` rows
+    (default data.batch_rows). Label Studio exports are left to the caller
     (``label_studio_exports``): a source that is one export gives no table.
 
-    A table read from a file carries its path in ``df.attrs["path"]``.
+    Each batch read from a file carries its path in ``df.attrs["path"]``.
     """
+    batch_rows = batch_rows or data.batch_rows
     if data.source.startswith(HF_PREFIX):
-        return load_hub_dataset(data.source.removeprefix(HF_PREFIX))
+        tables = load_hub_dataset(data.source.removeprefix(HF_PREFIX))
+        return {name: Table.whole(name, df) for name, df in tables.items()}
     path = Path(data.source)
     if not path.exists():
         raise UserError(f"data.source '{path}' does not exist")
@@ -220,5 +306,9 @@ def load_source(data: Data, task: str = CLASSIFICATION) -> dict[str, pd.DataFram
     if path.is_dir():
         names = (*SPLITS, UNLABELED) if task == CLASSIFICATION else SPLITS
         files = find_split_files(path, source_suffixes(task), names, need_train=not exports)
-        return {split: read_file(p, data, task) for split, p in files.items()}
-    return {} if exports else {"source": read_file(path, data, task)}
+    else:
+        files = {} if exports else {"source": path}
+    for p in files.values():
+        file_batches(p, data, task, batch_rows)  # the format checks, before anything is read
+    return {name: Table(name, p, partial(file_batches, p, data, task, batch_rows))
+            for name, p in files.items()}
