@@ -20,11 +20,23 @@ from pathlib import Path
 
 import pandas as pd
 
+from lmforge.alignment.checks import with_same_answers
 from lmforge.common import SPLITS, UserError, run_main, write_json
 from lmforge.data.chat_checks import chat_suite
-from lmforge.data.checks import BALANCE, build_checks, derive_frames
+from lmforge.data.checks import (
+    BALANCE,
+    balance_checks,
+    balance_table,
+    build_checks,
+    derive_frames,
+    split_checks,
+    train_keys,
+    with_derived,
+)
 from lmforge.data.cleaning import label_set
 from lmforge.data.expectations import build_docs, make_context, validate_tables
+from lmforge.data.hashing import SeenRows
+from lmforge.data.shards import count_rows, read_batches, split_path
 from lmforge.data.summary import write_summary
 from lmforge.params import Params, load_params
 from lmforge.tasks import CAUSAL_LM
@@ -55,6 +67,62 @@ def run_suite(frames: dict[str, pd.DataFrame], params: Params, docs_dir: Path | 
     ordered = {name: results[name] for named in checks.values() for name, _ in named}
     failed = sum(not c["success"] for c in ordered.values())
     return {"success": failed == 0, "checks_failed": failed, "label_set": labels, "checks": ordered}
+
+
+def merge_outcome(total: dict | None, part: dict, examples: int) -> dict:
+    """One check over two batches: counts add up, examples fill up, an error is kept."""
+    if total is None:
+        return dict(part)
+    return {**total, "success": total["success"] and part["success"],
+            "unexpected_count": total["unexpected_count"] + part["unexpected_count"],
+            "examples": (total["examples"] + part["examples"])[:examples],
+            "error": total["error"] or part["error"]}
+
+
+def run_batched(interim: Path, params: Params, docs_dir: Path | None = None) -> dict:
+    """run_suite for splits larger than a batch: each split checked ``data.batch_rows`` rows at a
+    time, counts summed per check, so memory holds one batch (and the hashes of train's texts, for
+    leakage). Same checks, names and report; the Data Docs show one run per batch."""
+    data, examples = params.data, params.validate_.examples
+    label = data.label_column
+
+    def batches(split: str, columns: list[str] | None = None):
+        return read_batches(split_path(interim, split), data.batch_rows, columns)
+
+    counts, train_rows, has_label = pd.Series(dtype="int64"), 0, False
+    for df in batches("train"):
+        train_rows += len(df)
+        if label in df:
+            has_label = True
+            counts = counts.add(df[label].value_counts(), fill_value=0).astype("int64")
+    labels = None if params.task == CAUSAL_LM else label_set(list(counts.index), data.labels)
+    keys = train_keys(batches("train"), params)
+    context, results, rows, order = make_context(), {}, {}, []
+    for split in SPLITS:
+        seen = SeenRows()
+        for i, df in enumerate(batches(split)):
+            derived = with_same_answers(with_derived(df, seen, keys if split != "train" else None,
+                                                     params), data)
+            table = split if i == 0 else f"{split} #{i + 1}"
+            named = {table: split_checks(split, derived.columns, params, labels)}
+            order += [name for name, _ in named[table] if name not in order]
+            for name, part in validate_tables(context, {table: derived}, named, examples).items():
+                results[name] = merge_outcome(results.get(name), part, examples)
+                rows[name] = rows.get(name, 0) + len(df)
+    for name, c in results.items():  # a share ("mostly") holds over the whole split, not per batch
+        if "mostly" in c["expected"]:
+            c["success"] = 1 - c["unexpected_count"] / max(rows[name], 1) >= c["expected"]["mostly"]
+    balance = balance_checks(params)
+    if params.task != CAUSAL_LM and has_label and balance:
+        table = {BALANCE: balance_table(counts, labels, train_rows)}
+        results |= validate_tables(context, table, {BALANCE: balance}, examples,
+                                   index_columns={BALANCE: ["class"]})
+        order += [name for name, _ in balance]
+    if docs_dir is not None:
+        build_docs(context, docs_dir)
+    results = {name: results[name] for name in order}
+    failed = sum(not c["success"] for c in results.values())
+    return {"success": failed == 0, "checks_failed": failed, "label_set": labels, "checks": results}
 
 
 def as_metrics(report: dict) -> dict:
@@ -88,24 +156,38 @@ def failure_summary(report: dict, where: list[Path]) -> str:
     return "\n".join([*lines, "full report: " + ", ".join(str(p) for p in where)])
 
 
-def read_splits(interim: Path) -> dict[str, pd.DataFrame]:
-    missing = [str(interim / f"{s}.parquet") for s in SPLITS]
-    missing = [p for p in missing if not Path(p).exists()]
+def require_splits(interim: Path) -> dict[str, int]:
+    """Rows per split; a split ingest has not written is an error naming it."""
+    missing = [str(split_path(interim, s)) for s in SPLITS if not split_path(interim, s).exists()]
     if missing:
         raise UserError(f"{', '.join(missing)} not found: run `dvc repro ingest` first")
-    return {s: pd.read_parquet(interim / f"{s}.parquet") for s in SPLITS}
+    return {s: count_rows(split_path(interim, s)) for s in SPLITS}
+
+
+def check_splits(params: Params) -> dict:
+    """The report, by the engine and the way that fit: Spark; in memory when every split fits one
+    batch (or for conversations); else batch by batch."""
+    interim, docs = params.paths.interim, params.paths.data_docs
+    rows = require_splits(interim)
+    if params.data.engine == "spark":
+        from lmforge.data.spark import spark_validate
+
+        return spark_validate(params, interim, docs)
+    if params.data.chat is not None or max(rows.values()) <= params.data.batch_rows:
+        frames = {s: pd.read_parquet(split_path(interim, s)) for s in SPLITS}
+        return run_suite(frames, params, docs_dir=docs)
+    return run_batched(interim, params, docs_dir=docs)
 
 
 def main(params: Params | None = None) -> dict:
     params = params or load_params()
     paths = params.paths
-    frames = read_splits(paths.interim)
-    report = run_suite(frames, params, docs_dir=paths.data_docs)
+    report = check_splits(params)
     write_json(paths.validation, as_metrics(report))  # written, and docs built, even on failure
     summary = write_summary(report, paths.data_docs)  # readable offline, unlike the Data Docs
     if not report["success"]:
         raise UserError(failure_summary(report, [summary, paths.validation]))
-    rows = {s: len(df) for s, df in frames.items()}
+    rows = require_splits(paths.interim)
     print(f"validate: all {len(report['checks'])} checks passed on {rows} rows; report: {summary}")
     return report
 

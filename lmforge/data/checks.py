@@ -11,6 +11,7 @@ import pandas as pd
 
 from lmforge.alignment.checks import same_answer_checks, with_same_answers
 from lmforge.common import SPLITS
+from lmforge.data.hashing import SeenRows, row_hashes
 from lmforge.params import Params
 from lmforge.tasks import CAUSAL_LM
 
@@ -38,31 +39,49 @@ def derived_names(params: Params) -> tuple[str, str]:
     return (PAIR_REPEATS, PROMPT_LEAKED) if "prompt" in text_roles(params) else (REPEATS, LEAKED)
 
 
-def with_derived(df: pd.DataFrame, train: pd.DataFrame, is_train: bool, params: Params) -> pd.DataFrame:
-    """A split plus its repeats column and (validation/test) its leakage column.
+def train_keys(batches, params: Params) -> SeenRows | None:
+    """The hashes of train's key texts (the text, or a pair's prompt), for the leakage checks;
+    None when train lacks the column (a check on it fails already)."""
+    column, keys = list(text_roles(params).values())[0], SeenRows()
+    for df in batches:
+        if column not in df:
+            return None
+        keys.add(row_hashes(df[df[column].notna()], [column]))
+    return keys
 
-    Each holds the key text (the text, or a pair's prompt) where the row repeats / leaks, else null.
+
+def with_derived(df: pd.DataFrame, seen: SeenRows, train: SeenRows | None, params: Params) -> pd.DataFrame:
+    """A batch of a split plus its repeats column and (validation/test: ``train`` given) its leakage
+    column. Each holds the key text (the text, or a pair's prompt) where the row repeats an earlier
+    row of the split (``seen`` remembers the split's earlier batches) / appears in train, else null.
     """
     columns = list(text_roles(params).values())
     if not set(columns) <= set(df.columns):
         return df
     repeats, leaked = derived_names(params)
     key = df[columns[0]]
-    df = df.assign(**{repeats: key.where(df.duplicated(subset=columns))})
-    if not is_train and columns[0] in train:  # a hash lookup: ~10 ms against 67k texts
-        df[leaked] = key.where(key.isin(train[columns[0]].dropna()))
+    repeat = pd.Series(~seen.first_seen(row_hashes(df, columns)), index=df.index)
+    df = df.assign(**{repeats: key.where(repeat)})
+    if train is not None:
+        df[leaked] = key.where(pd.Series(train.contains(row_hashes(df, columns[:1])), index=df.index))
     return df
+
+
+def balance_table(train_labels: pd.Series, labels: list[str], train_rows: int) -> pd.DataFrame:
+    """One row per class of the label set (zero counts included): its train rows and share."""
+    rows = train_labels.reindex(labels, fill_value=0).to_numpy()
+    return pd.DataFrame({"class": labels, "rows": rows, "share": rows / max(train_rows, 1)})
 
 
 def derive_frames(frames: dict[str, pd.DataFrame], params: Params, labels: list[str]) -> dict:
     """The tables GX validates: each split plus the derived columns, and the class-balance table."""
     label, train = params.data.label_column, frames["train"]
-    out = {s: with_same_answers(with_derived(df, train, s == "train", params), params.data)
+    keys = train_keys([train], params)
+    out = {s: with_same_answers(with_derived(df, SeenRows(), keys if s != "train" else None, params),
+                                params.data)
            for s, df in frames.items()}
     if params.task != CAUSAL_LM and label in train:
-        rows = train[label].value_counts().reindex(labels, fill_value=0).to_numpy()
-        shares = rows / max(len(train), 1)
-        out[BALANCE] = pd.DataFrame({"class": labels, "rows": rows, "share": shares})
+        out[BALANCE] = balance_table(train[label].value_counts(), labels, len(train))
     return out
 
 
@@ -110,11 +129,10 @@ def split_checks(split: str, columns, params: Params, labels: list[str]) -> list
     return [(f"{split}/{name}", exp) for name, exp in checks]
 
 
-def build_checks(derived: dict[str, pd.DataFrame], params: Params, labels: list[str]) -> dict:
-    """Checks per table GX validates: {table: [(check name, expectation), ...]}."""
+def balance_checks(params: Params) -> list[tuple]:
+    """The train class-balance checks, on the class-balance table."""
     from great_expectations import expectations as gxe
 
-    checks = {s: split_checks(s, derived[s].columns, params, labels) for s in SPLITS}
     v, balance = params.validate_, []
     if v.min_rows_per_class is not None:
         at_least = gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=v.min_rows_per_class)
@@ -122,6 +140,13 @@ def build_checks(derived: dict[str, pd.DataFrame], params: Params, labels: list[
     if v.max_majority_share is not None:
         at_most = gxe.ExpectColumnValuesToBeBetween(column="share", max_value=v.max_majority_share)
         balance.append(("train/majority_share", at_most))
+    return balance
+
+
+def build_checks(derived: dict[str, pd.DataFrame], params: Params, labels: list[str]) -> dict:
+    """Checks per table GX validates: {table: [(check name, expectation), ...]}."""
+    checks = {s: split_checks(s, derived[s].columns, params, labels) for s in SPLITS}
+    balance = balance_checks(params)
     if BALANCE in derived and balance:
         checks[BALANCE] = balance
     return checks

@@ -63,7 +63,8 @@ def validate_tables(context, derived: dict, checks: dict, examples: int,
     """
     import great_expectations as gx
 
-    source = context.data_sources.add_pandas("interim")
+    sources = context.data_sources.all()
+    source = sources["interim"] if "interim" in sources else context.data_sources.add_pandas("interim")
     results = {}
     for table, named in checks.items():
         batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all rows")

@@ -59,7 +59,7 @@ class ShardWriter:
 
         table = pa.Table.from_pandas(df, preserve_index=False)
         if self.schema is None:
-            self.schema = table.schema.remove_metadata()
+            self.schema = table.schema
         try:
             table = table.cast(self.schema)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
