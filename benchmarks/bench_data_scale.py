@@ -1,17 +1,21 @@
-"""Benchmark: how the data stages' cost grows with the source (issue 19's baseline, today's engine).
+"""Benchmark: how the data stages' cost grows with the source, per engine (docs/scaling.md).
 
-    python -m benchmarks.bench_data_scale                 # 10^4 and 10^5 rows
-    python -m benchmarks.bench_data_scale 10000 1000000   # any row counts
+    python -m benchmarks.bench_data_scale                            # 10^4 and 10^5 rows, local
+    python -m benchmarks.bench_data_scale 10000 100000 1000000 --engines local spark
+    python -m benchmarks.bench_data_scale 5000000 --row-chars 1000 --stages ingest validate  # ~5 GB
 
 The source is data/sample/reviews.csv repeated, each copy's texts given a unique suffix so that
-deduplication keeps every row. In a temp `git clone` of this repo (default params otherwise), each
-size runs ingest, validate and prepare one after the other as `python -m stages.<name>`, and prints
-wall time, rows/s and peak memory: the largest resident set of the stage and its children (the
-stage runs under a small wrapper whose RUSAGE_CHILDREN is that stage's alone).
+deduplication keeps every row (``--row-chars N``: each row joins sample texts up to N characters,
+for a source of N bytes a row). In a temp `git clone` of this repo's last commit (default params
+otherwise, ``data.engine`` set per run), each size runs the stages one after the other as
+`python -m stages.<name>`, and prints wall time, rows/s and peak memory: the largest resident set
+of the stage and its children (the stage runs under a small wrapper whose RUSAGE_CHILDREN is that
+stage's alone; Spark's JVM is a child, so it counts).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -30,8 +34,9 @@ WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]
            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
 
 
-def write_source(dest: Path, rows: int) -> None:
-    """``rows`` labelled rows: the sample's, repeated with a copy number appended to each text."""
+def write_source(dest: Path, rows: int, row_chars: int = 0) -> None:
+    """``rows`` labelled rows: the sample's, repeated with a copy number appended to each text;
+    with ``row_chars``, each text continues with the next sample texts up to that length."""
     with SAMPLE.open(newline="") as f:
         sample = list(csv.DictReader(f))
     with dest.open("w", newline="") as f:
@@ -39,7 +44,11 @@ def write_source(dest: Path, rows: int) -> None:
         out.writeheader()
         for i in range(rows):
             row = sample[i % len(sample)]
-            out.writerow({"text": f"{row['text']} (copy {i // len(sample)})", "label": row["label"]})
+            text, j = f"{row['text']} (copy {i // len(sample)})", i
+            while len(text) < row_chars:
+                j += 1
+                text += " " + sample[j % len(sample)]["text"]
+            out.writerow({"text": text[:row_chars] if row_chars else text, "label": row["label"]})
 
 
 def run_stage(stage: str, clone: Path) -> tuple[float, float]:
@@ -54,31 +63,42 @@ def run_stage(stage: str, clone: Path) -> tuple[float, float]:
     return wall, int(done.stdout.split()[-1]) / 1024
 
 
-def measure(rows: int) -> tuple[int, dict[str, tuple[float, float]]]:
-    """(rows ingest kept, each stage's (wall, peak RSS)) on a ``rows``-row source. The sample's
-    own repeated texts are dropped once per copy, so about 1% fewer rows are kept."""
-    with tempfile.TemporaryDirectory() as tmp:
+def measure(rows: int, engine: str, stages: list[str], row_chars: int,
+            tmp_root: str | None) -> tuple[int, float, dict[str, tuple[float, float]]]:
+    """(rows ingest kept, source GB, each stage's (wall, peak RSS)) on a ``rows``-row source. The
+    sample's own repeated texts are dropped once per copy, so about 1% fewer rows are kept."""
+    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
         clone = Path(tmp) / "repo"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         source = clone / "data" / "scale.csv"
-        write_source(source, rows)
+        write_source(source, rows, row_chars)
         params = clone / "params.yaml"
-        params.write_text(params.read_text().replace(
-            "source: data/sample/reviews.csv", "source: data/scale.csv", 1))
-        costs = {stage: run_stage(stage, clone) for stage in STAGES}
-        return json.loads((clone / "metrics" / "data.json").read_text())["rows"]["total"], costs
+        text = params.read_text().replace("source: data/sample/reviews.csv", "source: data/scale.csv", 1)
+        params.write_text(text.replace("engine: local", f"engine: {engine}", 1))
+        costs = {stage: run_stage(stage, clone) for stage in stages}
+        kept = json.loads((clone / "metrics" / "data.json").read_text())["rows"]["total"]
+        return kept, source.stat().st_size / 1e9, costs
 
 
 def main() -> None:
-    sizes = [int(a) for a in sys.argv[1:]] or [10_000, 100_000]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sizes", nargs="*", type=int, default=[10_000, 100_000])
+    parser.add_argument("--engines", nargs="+", default=["local"], choices=["local", "spark"])
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--row-chars", type=int, default=0, help="characters per row's text")
+    parser.add_argument("--tmp", default=None, help="folder for the clone (needs ~3x the source)")
+    args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}")
-    print("| source rows | kept | stage | wall s | rows/s | peak RSS MB |\n|---:|---:|---|---:|---:|---:|")
-    for rows in sizes:
-        kept, costs = measure(rows)
-        for stage, (wall, rss) in costs.items():
-            print(f"| {rows:,} | {kept:,} | {stage} | {wall:.1f} | {rows / wall:,.0f} | {rss:,.0f} |",
-                  flush=True)
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+          f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}")
+    print("| engine | source rows | source GB | kept | stage | wall s | rows/s | us/row | peak RSS MB |\n"
+          "|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for engine in args.engines:
+        for rows in args.sizes:
+            kept, gb, costs = measure(rows, engine, args.stages, args.row_chars, args.tmp)
+            for stage, (wall, rss) in costs.items():
+                print(f"| {engine} | {rows:,} | {gb:.3f} | {kept:,} | {stage} | {wall:.1f} | "
+                      f"{rows / wall:,.0f} | {wall / rows * 1e6:.1f} | {rss:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -311,6 +311,8 @@ class Prepare(Section):
     max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per text (truncation); "
                             "causal_lm pairs: per prompt + response; chat: per conversation.")
     map_batch_size: int = Field(1000, ge=1, description="Rows per datasets.map batch.")
+    num_proc: int = Field(1, ge=1, le=256, description="Processes that tokenize a classification "
+                          "split in parallel (datasets.map num_proc); worth it above ~100k rows.")
     block_size: int = Field(128, ge=8, le=32768, description="causal_lm on plain text: tokens per "
                             "packed training block.")
     template: str = Field(

@@ -152,3 +152,16 @@ def test_seen_rows_marks_repeats_within_and_across_batches():
     assert seen.first_seen(a).tolist() == [True, True, False, True]
     assert seen.first_seen(b).tolist() == [False, True, False, True]  # null and "" differ
     assert len(seen) == 5  # x, y, null, z, ""
+
+
+def test_tokenizing_in_several_processes_gives_the_same_dataset(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from lmforge.classification.data import tokenize_split
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    df = pd.DataFrame({"text": [f"the item {i % 100} is good and cheap" for i in range(400)],
+                       "labels": [i % 2 for i in range(400)]})
+    one = tokenize_split(df, tokenizer, max_length=16, batch_size=50)
+    two = tokenize_split(df, tokenizer, max_length=16, batch_size=50, num_proc=2)
+    assert one.to_dict() == two.to_dict() and len(one) == 400

@@ -30,7 +30,7 @@ def encode_labels(labels: pd.Series, label2id: dict[str, int], split: str) -> li
     return [label2id[v] for v in labels]
 
 
-def tokenize_split(df: pd.DataFrame, tokenizer, max_length: int, batch_size: int):
+def tokenize_split(df: pd.DataFrame, tokenizer, max_length: int, batch_size: int, num_proc: int = 1):
     """A datasets.Dataset with text, labels, input_ids, attention_mask (lengths vary per row)."""
     from datasets import Dataset
 
@@ -39,6 +39,7 @@ def tokenize_split(df: pd.DataFrame, tokenizer, max_length: int, batch_size: int
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
         batched=True,
         batch_size=batch_size,
+        num_proc=num_proc if len(ds) >= 2 * num_proc * batch_size else None,  # else: not worth a fork
         desc=None,
     )
 
@@ -65,6 +66,7 @@ def encode_splits(params: Params, frames: dict[str, pd.DataFrame]) -> tuple[obje
             "text": df[data.text_column].astype(str),
             "labels": encode_labels(df[data.label_column], mapping["label2id"], split),
         })
-        splits[split] = tokenize_split(table, tokenizer, prep.max_length, prep.map_batch_size)
+        splits[split] = tokenize_split(table, tokenizer, prep.max_length, prep.map_batch_size,
+                                        prep.num_proc)
         stats[split] = length_stats(splits[split], prep.max_length)
     return tokenizer, splits, mapping, stats
