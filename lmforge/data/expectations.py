@@ -80,6 +80,11 @@ def validate_tables(context, derived: dict, checks: dict, examples: int,
             batch_parameters={"dataframe": derived[table]}, result_format=fmt
         )
         results |= {r.expectation_config.meta["check"]: outcome(r, examples) for r in run.results}
+        # GX's execution engine keeps every batch's data for the data source's life: drop it, or
+        # validating a split batch by batch would end up holding the whole split.
+        manager = source.get_execution_engine().batch_manager
+        manager.batch_data_cache.clear()
+        manager.reset_batch_cache()
     return results
 
 

@@ -35,7 +35,8 @@ def read_batches(path: Path, batch_rows: int, columns: list[str] | None = None) 
     frame with its columns, so a reader always sees them."""
     dataset = parquet_dataset(path)
     empty = True
-    for batch in dataset.to_batches(columns=columns, batch_size=batch_rows):
+    for batch in dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=0,
+                                    fragment_readahead=0):
         if batch.num_rows:
             empty = False
             yield batch.to_pandas()
