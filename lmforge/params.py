@@ -211,6 +211,11 @@ class Data(Section):
                             "(set prompt_column and response_column to null, or chat to null)")
         if self.text_column == self.label_column:
             problems.append(f"text_column and label_column are both '{self.text_column}'")
+        if self.engine == "spark" and self.chat is not None:
+            problems.append("engine spark does not read conversations (chat); use engine: local for them")
+        if self.engine == "spark" and self.source.startswith("hf:"):
+            problems.append(f"engine spark does not read hub sources ({self.source}); use engine: local "
+                            "for them")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             problems.append(f"labels has duplicates: {self.labels}")
         if self.labels is not None and len(self.labels) < 2:

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from lmforge.common import UserError
-from lmforge.params import parse_params
 from lmforge.data.cleaning import clean_table, labels_as_strings
 from lmforge.data.splitting import random_indices, stratified_indices
+from lmforge.params import parse_params
 from stages import ingest
 
 

@@ -60,6 +60,24 @@ def check_columns(df: pd.DataFrame, where: str, data: Data, task: str = CLASSIFI
         )
 
 
+def require_carved(data: Data, picked: dict, missing: dict, labels: pd.Series | None,
+                   n_rows: int) -> None:
+    """A carved split can round to 0 rows when the data is small: say so before train fails."""
+    for split, frac in missing.items():
+        if len(picked[split]) == 0:
+            if data.split.method == "hash":
+                what = f"of {n_rows} rows (after cleaning) got 0 rows by hash"
+            elif labels is None:
+                what = f"of {n_rows} rows (after cleaning) rounds to 0 rows"
+            else:
+                per_class = labels.value_counts(dropna=False).to_dict()
+                what = f"of each class rounds to 0 rows (rows per class after cleaning: {per_class})"
+            raise UserError(
+                f"{data.source}: the {split} split is empty: data.split.{split} = {frac:g} {what}; "
+                f"add rows, raise data.split.{split}, or provide a {split} file"
+            )
+
+
 def add_counts(total: dict, part: dict) -> None:
     """Add nested counts into ``total`` (in place)."""
     for key, value in part.items():
@@ -269,7 +287,7 @@ class LocalIngest:
 
             n_rows = count_rows(carve_dir)
         picked = carve(data.split.method, missing, data.seed, n_rows, labels, hashes)
-        self.require_carved(picked, missing, labels, n_rows)
+        require_carved(data, picked, missing, labels, n_rows)
         order = list(picked)  # train first, then the carved splits
         code = np.zeros(n_rows, dtype=np.int8)
         for i, name in enumerate(order):
@@ -283,24 +301,6 @@ class LocalIngest:
                 if len(rows):
                     self.writer(name).write(rows)
                     self.count(name, rows)
-
-    def require_carved(self, picked: dict, missing: dict, labels: pd.Series | None, n_rows: int) -> None:
-        """A carved split can round to 0 rows when the data is small: say so before train fails."""
-        data = self.data
-        for split, frac in missing.items():
-            if len(picked[split]) == 0:
-                if labels is None:
-                    what = f"of {n_rows} rows (after cleaning) rounds to 0 rows"
-                    if data.split.method == "hash":
-                        what = f"of {n_rows} rows (after cleaning) got 0 rows by hash"
-                else:
-                    per_class = labels.value_counts(dropna=False).to_dict()
-                    what = ("of each class rounds to 0 rows (rows per class after cleaning: "
-                            f"{per_class})")
-                raise UserError(
-                    f"{data.source}: the {split} split is empty: data.split.{split} = {frac:g} "
-                    f"{what}; add rows, raise data.split.{split}, or provide a {split} file"
-                )
 
     # -- labelling inputs (classification) ------------------------------------------------------
     def read_exports(self, tables: dict[str, Table], exports: list[Path]) -> dict:
