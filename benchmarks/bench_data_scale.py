@@ -32,6 +32,21 @@ STAGES = ("ingest", "validate", "prepare")
 # Runs one stage and prints its peak RSS (KiB on Linux) last: the stage is the wrapper's only child.
 WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+SAMPLE_S = 0.1  # how often the process tree's memory is summed (Spark's JVM is not waited for,
+# so RUSAGE_CHILDREN misses it: the tree's sum, sampled, catches it)
+
+
+def tree_rss_mb(root) -> float:
+    """The resident memory of a process and all its descendants, in MB."""
+    import psutil
+
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:  # ended between listing and reading
+            pass
+    return total / 2**20
 
 
 def write_source(dest: Path, rows: int, row_chars: int = 0) -> None:
@@ -52,15 +67,25 @@ def write_source(dest: Path, rows: int, row_chars: int = 0) -> None:
 
 
 def run_stage(stage: str, clone: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of ``python -m stages.<stage>`` in ``clone``."""
+    """(wall seconds, peak RSS in MB) of ``python -m stages.<stage>`` in ``clone``: the larger of the
+    stage's own peak (exact) and the sampled peak of its process tree (Spark's JVM, workers)."""
+    import psutil
+
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", WRAPPER, sys.executable, "-m", f"stages.{stage}"],
-                          cwd=clone, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"stage {stage} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return wall, int(done.stdout.split()[-1]) / 1024
+    with tempfile.TemporaryFile("w+") as out:
+        proc = psutil.Popen([sys.executable, "-c", WRAPPER, sys.executable, "-m", f"stages.{stage}"],
+                            cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        tree_peak = 0.0
+        while proc.poll() is None:
+            tree_peak = max(tree_peak, tree_rss_mb(proc))
+            time.sleep(SAMPLE_S)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        log = out.read()
+    if proc.returncode != 0:
+        sys.exit(f"stage {stage} failed:\n{log[-4000:]}")
+    return wall, max(int(log.split()[-1]) / 1024, tree_peak)
 
 
 def measure(rows: int, engine: str, stages: list[str], row_chars: int,

@@ -234,7 +234,7 @@ def csv_schema(spark, path: Path, options: dict, texts: list[str]):
     booleans); text columns and everything else (dates, ...) read as strings, as pandas does."""
     from pyspark.sql import types as T
 
-    inferred = spark.read.options(inferSchema=True, **options).csv(str(path)).schema
+    inferred = spark.read.options(inferSchema=True, **options).csv(str(path.resolve())).schema
 
     def kind(field):
         if field.name in texts:
@@ -286,13 +286,13 @@ def read_file(spark, table: Table, data: Data, task: str, staging: Path):
         options = {"header": True, "multiLine": True, "escape": '"', "encoding": "UTF-8",
                    "mode": "FAILFAST"}
         schema = csv_schema(spark, path, options, texts)
-        df = spark.read.schema(schema).options(**options).csv(str(path))
+        df = spark.read.schema(schema).options(**options).csv(str(path.resolve()))
     elif fmt == "jsonl":
-        df = spark.read.options(mode="FAILFAST", encoding="UTF-8").json(str(path))
+        df = spark.read.options(mode="FAILFAST", encoding="UTF-8").json(str(path.resolve()))
         first = [c for c in json_columns(path) if c in df.columns]
         df = df.select(*first, *[c for c in df.columns if c not in first])
     else:
-        df = spark.read.parquet(str(path))
+        df = spark.read.parquet(str(path.resolve()))
     return with_order(df)
 
 
@@ -393,7 +393,8 @@ class SparkIngest:
     splits under ``interim``."""
 
     def __init__(self, spark, data: Data, task: str, interim: Path) -> None:
-        self.spark, self.data, self.task, self.interim = spark, data, task, Path(interim)
+        # absolute: on a cluster, executors resolve a relative path in their own working folder
+        self.spark, self.data, self.task, self.interim = spark, data, task, Path(interim).resolve()
         self.classify = task == CLASSIFICATION
         self.texts = list(text_columns(data, task).values())
         self.staging = self.interim / ".spark"  # a .txt source's rows, read by the local reader
@@ -681,7 +682,7 @@ def spark_validate(params: Params, interim: Path, docs_dir: Path | None = None) 
     if params.data.chat is not None:
         raise refuse("data.chat (conversations) is not supported")
     spark = spark_session(params.data)
-    tables, labels = spark_tables(spark, params, Path(interim))
+    tables, labels = spark_tables(spark, params, Path(interim).resolve())
     cached = [df.persist() for df in tables.values()]
     try:
         checks = build_checks(tables, params, labels)
