@@ -37,13 +37,14 @@ SAMPLE_S = 0.1  # how often the process tree's memory is summed (Spark's JVM is 
 
 
 def tree_rss_mb(root) -> float:
-    """The resident memory of a process and all its descendants, in MB."""
+    """The memory of a process and all its descendants, in MB: their PSS, which shares each page
+    among the processes that map it (a plain RSS sum counts a forked child's shared pages twice)."""
     import psutil
 
     total = 0
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            total += proc.memory_full_info().pss
         except psutil.Error:  # ended between listing and reading
             pass
     return total / 2**20
