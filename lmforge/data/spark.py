@@ -126,13 +126,9 @@ def session_conf(data: Data, local: bool) -> dict[str, str]:
 def spark_session(data: Data):
     """The SparkSession for data.spark. getOrCreate: an existing session is the one used; under
     spark-submit its master and settings stand, and only data.spark.conf is added."""
-    import warnings
-
     reason = spark_available()
     if reason:
         raise UserError(f"data.engine spark: {reason}")
-    # pyspark warns on pandas 3; what this engine uses of it is tested (tests/test_spark.py).
-    warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas", FutureWarning)
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName("lmforge")
