@@ -3,7 +3,7 @@
 A row's hash is 8 bytes of BLAKE2b over its key columns (each value length-prefixed, a null marked
 apart from ""), so it is the same on every run, machine and engine: the Spark engine calls these
 functions in its pandas UDFs. Two different rows share a hash with probability about n^2 / 2^65
-(1 in 7,000 for 50 million rows), and would then count as duplicates.
+(1 in 15,000 for 50 million rows), and would then count as duplicates.
 """
 
 from __future__ import annotations
