@@ -292,6 +292,17 @@ def read_file(spark, table: Table, data: Data, task: str, staging: Path):
     return with_order(df)
 
 
+PART_BYTES = 128 * 2**20  # about one HDFS block of source per partition
+
+
+def spread(df, path: Path):
+    """The rows over partitions of about 128 MB of source each. A multiLine CSV is read by one
+    task into one partition, which cleaning and caching would then hold whole (the JVM died on a
+    5 GB CSV); the order columns, taken as the file is read, keep the source order."""
+    parts = max(df.rdd.getNumPartitions(), -(-Path(path).stat().st_size // PART_BYTES))
+    return df if parts == df.rdd.getNumPartitions() else df.repartition(parts)
+
+
 # -- cleaning, in the workers -------------------------------------------------------------------
 def label_kinds(labels: pd.Series) -> pd.Series:
     """Per row: 1 a label that is (or spells) a number, 0 a text label, null no label."""
@@ -446,7 +457,7 @@ class SparkIngest:
 
         data, where = self.data, self.where(table)
         with worker_errors(Path(table.path)):  # Spark reads as it plans, too
-            raw = read_file(self.spark, table, data, self.task, self.staging)
+            raw = spread(read_file(self.spark, table, data, self.task, self.staging), table.path)
             columns = [c for c in raw.columns if c not in ORDER]
             check_columns(pd.DataFrame(columns=columns), where, data, self.task)
             schema = clean_schema(raw.schema, data, self.task)
