@@ -444,7 +444,9 @@ class SparkIngest:
     def persist(self, df):
         from pyspark import StorageLevel
 
-        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        # on disk: cleaned rows are kept to spare re-running the Python cleaning per action, and in
+        # the heap they ran the default 1 GB driver out of memory on a 2.5 GB source (local mode)
+        df = df.persist(StorageLevel.DISK_ONLY)
         self.cached.append(df)
         return df
 
