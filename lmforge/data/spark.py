@@ -46,7 +46,7 @@ from lmforge.data.hashing import row_hashes
 from lmforge.data.local import require_carved
 from lmforge.data.pool import build_pool, no_label_error, with_labels
 from lmforge.data.shards import ShardWriter, split_path
-from lmforge.data.sources import FORMATS, HF_PREFIX, TEXT_SUFFIX, UNLABELED, Table
+from lmforge.data.sources import FORMATS, TEXT_SUFFIX, UNLABELED, Table
 from lmforge.data.splitting import carve, hash_codes
 from lmforge.params import Data, Params
 from lmforge.tasks import CLASSIFICATION
@@ -146,18 +146,6 @@ def spark_session(data: Data):
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(conf.get("spark.log.level", "WARN"))
     return spark
-
-
-def unsupported(params: Params, exports: list[Path] | None = None) -> str | None:
-    """What this engine cannot do for these params (and exports), or None."""
-    data = params.data
-    if data.chat is not None:
-        return "data.chat (conversations) is not supported"
-    if data.source.startswith(HF_PREFIX):
-        return f"a hub source ({data.source}) is not supported"
-    if exports:
-        return f"Label Studio exports ({', '.join(map(str, exports))}) are not supported"
-    return None
 
 
 def refuse(what: str) -> UserError:
@@ -574,9 +562,9 @@ class SparkIngest:
 
 def spark_ingest(tables: dict[str, Table], exports: list[Path], params: Params, interim: Path) -> dict:
     """Stage ingest on Spark: LocalIngest(...).run(tables, exports)'s result and output files."""
-    what = unsupported(params, exports)
-    if what:
-        raise refuse(what)
+    # conversations and hub sources are refused with the params (lmforge/params.py, Data)
+    if exports:
+        raise refuse(f"Label Studio exports ({', '.join(map(str, exports))}) are not supported")
     spark = spark_session(params.data)
     return SparkIngest(spark, params.data, params.task, interim).run(tables)
 
@@ -688,8 +676,6 @@ def spark_validate(params: Params, interim: Path, docs_dir: Path | None = None) 
     from lmforge.data.checks import BALANCE, build_checks
     from lmforge.data.expectations import build_docs, make_context, validate_tables
 
-    if params.data.chat is not None:
-        raise refuse("data.chat (conversations) is not supported")
     spark = spark_session(params.data)
     tables, labels = spark_tables(spark, params, Path(interim).resolve())
     cached = [df.persist() for df in tables.values()]
